@@ -1,40 +1,36 @@
-"""Shared fixtures: small slices of real QM9 (from the qm9pack package's CSV files)."""
+"""Shared fixtures: small slices of real QM9 (the qm9pack package's CSV files)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from mpattn.data.graphset import GraphSet
+from mpattn.data.molecules import MoleculeSet
 
 N_SMALL = 500
 
 
 @pytest.fixture(scope="session")
-def qm9_graphset() -> GraphSet:
-    """The first 500 QM9 molecules, featurized, complete edge set (PROVISIONAL body)."""
-    import pandas as pd
+def qm9_raw():
+    """The first 500 QM9 molecules as raw records (properties in QM9's units)."""
+    from mpattn.data.qm9 import read_qm9pack
 
-    from mpattn.data.qm9 import qm9pack_csv_paths
+    mols, bad = read_qm9pack(nrows=N_SMALL)
+    assert not bad and len(mols) == N_SMALL
+    return mols
 
-    df = pd.read_csv(qm9pack_csv_paths()[0], nrows=N_SMALL, usecols=["Index", "Elements", "XYZ_Ang"])
-    sym = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9}
-    zs, ps, snd, rcv, ne = [], [], [], [], []
-    for el, xyz in zip(df.Elements, df.XYZ_Ang):
-        z = np.array([sym[e] for e in el[1:-1].replace("'", "").split(",")], np.int32)
-        p = np.array(xyz.replace("[", "").replace("]", "").split(","), np.float32).reshape(-1, 3)
-        n = len(z)
-        i, j = np.nonzero(~np.eye(n, dtype=bool))
-        zs.append(z), ps.append(p), snd.append(i), rcv.append(j), ne.append(len(i))
-    z = np.concatenate(zs)
-    feats = (z[:, None] == np.array([1, 6, 7, 8, 9])[None]).astype(np.float32)
-    return GraphSet(
-        n_node=[len(a) for a in zs],
-        n_edge=ne,
-        nodes={"z": z, "positions": np.concatenate(ps), "features": feats},
-        edges={"bond": np.full(sum(ne), 4, np.int32)},
-        senders=np.concatenate(snd),
-        receivers=np.concatenate(rcv),
-        globals={"U0": np.arange(len(zs), dtype=np.float32)},
-        ids=df.Index.to_numpy(np.int64),
-    )
+
+@pytest.fixture(scope="session")
+def qm9_molset(qm9_raw) -> MoleculeSet:
+    """The first 500 QM9 molecules, bond-perceived (in-process), targets in eV etc."""
+    from mpattn.data.qm9 import build_qm9
+
+    ms = build_qm9(qm9_raw, workers=1, progress=False)
+    assert not ms.rejected
+    return ms
+
+
+@pytest.fixture(scope="session")
+def qm9_graphset(qm9_molset) -> GraphSet:
+    """The first 500 QM9 molecules, featurized, complete edge set, all targets as globals."""
+    return qm9_molset.to_graphset()

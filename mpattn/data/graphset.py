@@ -7,7 +7,9 @@ assembled. Node/edge/global fields follow the GraphsTuple contract of DESIGN.md:
 
 - ``nodes``: ``{"z": int32[N], "positions": float32[N, 3], "features": float32[N, F]}``
 - ``edges``: ``{"bond": int32[E]}`` (0 single, 1 double, 2 triple, 3 aromatic, 4 not bonded)
-- ``globals``: ``{name: float32[G]}`` targets in library units (eV, Å, ...)
+- ``globals``: ``{name: float64[G]}`` targets in library units (eV, Å, ...); float64 on the
+  host because total energies (QM9 U0 ≈ -11,000 eV) lose meV in float32: subtract references
+  before casting for the device.
 - ``ids``: int64[G], the dataset's own identifiers (QM9 index for QM9).
 """
 

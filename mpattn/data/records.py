@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["RawMolecule", "QM9_PROPERTIES"]
+__all__ = ["BadRecord", "RawMolecule", "QM9_PROPERTIES"]
 
 # Canonical names of QM9's 15 scalar properties, in the order of the original .xyz files'
 # second line (after the "gdb <id>" tag), with the units those files use.
@@ -49,3 +49,16 @@ class RawMolecule:
     smiles: str | None = None
     properties: dict[str, float] = field(default_factory=dict)
     source: str = ""
+
+
+@dataclass
+class BadRecord:
+    """A record that could not be used: where it came from, its id if known, and why.
+
+    Loaders report these (and count them in summaries) instead of crashing or dropping
+    records silently.
+    """
+
+    source: str
+    id: int | None
+    reason: str
