@@ -15,6 +15,7 @@ import os
 import tempfile
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def load_molset(path: Path, key: str | None = None) -> MoleculeSet:
     except FileNotFoundError:
         raise
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError,
-            UnicodeDecodeError) as err:
+            UnicodeDecodeError, zlib.error) as err:
         raise ValueError(f"cache file {path} is unusable: {err}") from None
     smiles = text.split("\n") if len(arrays["ids"]) else []
     try:

@@ -201,11 +201,11 @@ class MoleculeSet:
             snd, rcv = _complete_local(n, n_edge)
         elif options.edge_set == "bonds":
             n_edge = 2 * self.n_bonds.astype(np.int64)
-            key = np.concatenate([g_of_bond, g_of_bond])
-            order = np.argsort(key, kind="stable")
+            # both directions of each bond, interleaved as featurize.bond_edges; bonds are
+            # stored graph after graph, so the edges are too
             b = self.bonds.astype(np.int32)
-            snd = np.concatenate([b[:, 0], b[:, 1]])[order]
-            rcv = np.concatenate([b[:, 1], b[:, 0]])[order]
+            snd = b.reshape(-1)
+            rcv = b[:, ::-1].reshape(-1)
         else:
             snd_l, rcv_l = [], []
             for i in range(len(self)):

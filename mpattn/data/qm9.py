@@ -17,6 +17,7 @@ that ``U0`` is the *total* internal energy at 0 K, not the atomization energy.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -123,7 +124,8 @@ def _parse_row(idx, n_atoms, elements, xyz, smiles, props, source) -> RawMolecul
     if bad:
         raise ValueError(f"missing or non-finite target(s) {bad}")
     return RawMolecule(id=int(idx), z=np.array([atomic_numbers[s] for s in syms], np.int8),
-                       positions=pos, smiles=str(smiles), properties=props, source=source)
+                       positions=pos, smiles=smiles if isinstance(smiles, str) and smiles else None,
+                       properties=props, source=source)
 
 
 def read_qm9pack(paths: list[Path] | None = None, *, nrows: int | None = None,
@@ -199,6 +201,10 @@ def load_qm9(source: str | Path | None = None, *, refresh: bool = False,
             raise ValueError(f"QM9 source {source} does not exist")
         st = source.stat()
         fingerprint = {"source": str(source), "size": st.st_size, "mtime": st.st_mtime_ns}
+        if source.is_dir():  # a file edited in place changes neither the folder's size nor mtime
+            files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                           for p in source.glob("*.xyz"))
+            fingerprint["files"] = hashlib.sha256(json.dumps(files).encode()).hexdigest()
     key = cache_key(dataset="qm9", perception="template>geometry>connectivity", **fingerprint)
 
     def build() -> MoleculeSet:
@@ -288,8 +294,16 @@ def save_split(split: Split, path: str | Path) -> Path:
             "train": split.train.tolist(), "val": split.val.tolist(), "test": split.test.tolist(),
             "seed": split.seed, "preset": split.preset}))
     else:
-        np.savez(path, train=split.train, val=split.val, test=split.test)
+        with open(path, "wb") as f:  # a file name would get ".npz" appended to other suffixes
+            np.savez(f, train=split.train, val=split.val, test=split.test)
     return path
+
+
+def _integer_ids(values, name: str) -> np.ndarray:
+    a = np.asarray(values)
+    if a.size and (a.dtype.kind not in "iuf" or np.any(a != np.round(a))):
+        raise ValueError(f"{name} must hold integer ids, got e.g. {a.ravel()[:3].tolist()}")
+    return a.astype(np.int64).reshape(-1)
 
 
 def load_split(path: str | Path, available=None) -> Split:
@@ -301,12 +315,14 @@ def load_split(path: str | Path, available=None) -> Split:
     try:
         if path.suffix == ".json":
             d = json.loads(path.read_text())
+            if not isinstance(d, dict):
+                raise ValueError(f"JSON holds a {type(d).__name__}, not an object")
             seed, preset = d.get("seed"), d.get("preset")
         else:
             with np.load(path, allow_pickle=False) as f:
                 d = {k: f[k] for k in f.files}
             seed = preset = None
-        parts = {k: np.asarray(d[k], dtype=np.int64) for k in ("train", "val", "test")}
+        parts = {k: _integer_ids(d[k], k) for k in ("train", "val", "test")}
     except KeyError as err:
         raise ValueError(f"split file {path} lacks the key {err}; it needs train, val, test") \
             from None

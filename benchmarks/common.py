@@ -1,0 +1,59 @@
+"""Shared helpers of the benchmark scripts: machine description and result files."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+__all__ = ["RESULTS", "device_name", "machine_info", "write_result"]
+
+
+def device_name() -> str:
+    """A short file-name-safe name of the compute device (GPU model or CPU core count)."""
+    try:
+        import jax
+
+        dev = jax.devices()[0]
+        if dev.platform != "cpu":
+            return dev.device_kind.replace(" ", "-").replace("/", "-")
+    except Exception:  # noqa: BLE001 - no JAX backend is fine for CPU-only benchmarks
+        pass
+    return f"cpu{_cores()}"
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def machine_info() -> dict:
+    """Processor, core count and versions of the packages that matter for the numbers."""
+    versions = {}
+    for pkg in ("mpattn", "jax", "jaxlib", "flax", "numpy", "rdkit", "vesin", "torch",
+                "torch-geometric"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return {
+        "device": device_name(),
+        "processor": platform.processor() or platform.machine(),
+        "cores": _cores(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "date": _dt.date.today().isoformat(),
+    }
+
+
+def write_result(name: str, payload: dict, directory: Path = RESULTS) -> Path:
+    """Write ``<name>-<device>-<date>.json`` under ``benchmarks/results/``."""
+    info = machine_info()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}-{info['device']}-{info['date']}.json"
+    path.write_text(json.dumps({"machine": info, **payload}, indent=1) + "\n")
+    return path
