@@ -1,0 +1,142 @@
+"""Model cost: parameters, forward and train-step time per 1,000 QM9 molecules.
+
+    python -m benchmarks.models                      # every model, default configs, CPU
+    python -m benchmarks.models --models mpnn --batch-size 64 --edge-set bonds
+
+Each model runs its default configuration on real QM9 batches (complete edge set by
+default) padded to the loader's static budgets. The train step is a jit-compiled
+MSE + Adam step (``jax.value_and_grad`` + optax) with donated buffers; times are the median
+over batches after compilation (compile time reported separately). Writes
+``benchmarks/results/models-<device>-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from benchmarks.common import write_result
+
+
+def _qm9_graphs(n: int, edge_set: str):
+    from mpattn.data.qm9 import build_qm9, read_qm9pack
+    from mpattn.featurize import FeaturizeOptions
+
+    raw, bad = read_qm9pack(nrows=n)
+    ms = build_qm9(raw, bad, progress=False)
+    return ms.to_graphset(FeaturizeOptions(edge_set=edge_set), targets=["U0"])
+
+
+def measure(name: str, gs, batch_size: int, batches: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from mpattn.data.loader import BatchLoader
+    from mpattn.graph import graph_mask
+    from mpattn.models import create_model
+
+    model = create_model(name, rngs=nnx.Rngs(0))
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    loader = BatchLoader(gs, batch_size, prefetch=0, seed=0)
+    data, mols = [], []
+    for b in loader:
+        model.check(b)
+        real = np.asarray(b.globals["id"]) >= 0
+        y = np.asarray(b.globals["U0"], np.float64)
+        y = np.where(real, (y - y[real].mean()) / 10.0, 0.0)  # a standardised-ish target
+        data.append(jax.device_put(b._replace(globals={"y": y.astype(np.float32)})))
+        mols.append(int(real.sum()))
+        if len(data) == batches:
+            break
+    graphdef, state = nnx.split(model)
+    opt = optax.adam(1e-3)
+    opt_state = opt.init(state)
+
+    @jax.jit
+    def forward(state, graph):
+        return nnx.merge(graphdef, state)(graph)
+
+    def loss_fn(state, graph):
+        pred = nnx.merge(graphdef, state)(graph)
+        mask = graph_mask(graph)
+        err = jnp.where(mask, pred - graph.globals["y"], 0.0)
+        return jnp.sum(err**2) / jnp.sum(mask)
+
+    @jax.jit
+    def train_step(state, opt_state, graph):
+        loss, grads = jax.value_and_grad(loss_fn)(state, graph)
+        updates, opt_state = opt.update(grads, opt_state, state)
+        return optax.apply_updates(state, updates), opt_state, loss
+
+    def timed(fn):
+        times = []
+        for b in data:
+            t = time.perf_counter()
+            jax.block_until_ready(fn(b))
+            times.append(time.perf_counter() - t)
+        return times
+
+    shapes = {tuple(b.nodes["z"].shape) + tuple(b.senders.shape) for b in data}
+    t0 = time.perf_counter()
+    for b in data:  # compile every budget once
+        jax.block_until_ready(forward(state, b))
+    fwd_compile = time.perf_counter() - t0
+    fwd = timed(lambda b: forward(state, b))
+    t0 = time.perf_counter()
+    for b in data:
+        jax.block_until_ready(train_step(state, opt_state, b))
+    step_compile = time.perf_counter() - t0
+
+    def step(b):
+        nonlocal state, opt_state
+        state, opt_state, loss = train_step(state, opt_state, b)
+        return loss
+
+    steps = timed(step)
+    per_batch = float(np.mean(mols))
+    return {
+        "model": name,
+        "params": int(params),
+        "budgets_seen": len(shapes),
+        "forward_ms_per_1000_mol": 1000 * float(np.median(fwd)) / per_batch * 1000,
+        "train_step_ms_per_1000_mol": 1000 * float(np.median(steps)) / per_batch * 1000,
+        "train_mol_per_s": per_batch / float(np.median(steps)),
+        "compile_s_forward": fwd_compile,
+        "compile_s_train": step_compile,
+    }
+
+
+def main(argv=None) -> int:
+    from mpattn.models import model_names
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.models",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=model_names(), choices=model_names())
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--batches", type=int, default=8, help="timed batches per model")
+    ap.add_argument("--molecules", type=int, default=3000, help="QM9 molecules to draw from")
+    ap.add_argument("--edge-set", default="complete", choices=["complete", "bonds"])
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args(argv)
+    gs = _qm9_graphs(args.molecules, args.edge_set)
+    rows = []
+    for name in args.models:
+        r = measure(name, gs, args.batch_size, args.batches)
+        rows.append(r)
+        print(f"{name:8s} params {r['params']:>9,d}  forward {r['forward_ms_per_1000_mol']:8.1f} "
+              f"ms/1000 mol  train step {r['train_step_ms_per_1000_mol']:8.1f} ms/1000 mol "
+              f"({r['train_mol_per_s']:7.1f} mol/s)  compile {r['compile_s_train']:.1f} s",
+              flush=True)
+    if not args.no_save:
+        path = write_result("models", {"batch_size": args.batch_size,
+                                       "edge_set": args.edge_set, "rows": rows})
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""Models, selectable by name through one registry.
+
+>>> from flax import nnx
+>>> from mpattn.models import create_model
+>>> model = create_model("mhmp", rngs=nnx.Rngs(0), dim=64)   # config fields as overrides
+
+Names: ``mhmp`` (the thesis' MultiHead-Message Passing), ``mhmp_pe`` (the same with a
+positional encoding of the atom index: not permutation invariant), ``mpnn`` (Gilmer et al.
+2017), ``schnet`` (Schütt et al. 2017). Every model maps a padded ``jraph.GraphsTuple`` to
+predictions [num_graphs]; with a sum readout, ``model(graph, per_atom=True)`` also returns
+per-atom contributions [num_nodes].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flax import nnx
+
+from mpattn.models.mhmp import MHMP, MHMPConfig
+from mpattn.models.mpnn import MPNN, MPNNConfig
+from mpattn.models.schnet import SchNet, SchNetConfig
+
+__all__ = [
+    "MHMP",
+    "MODELS",
+    "MPNN",
+    "MHMPConfig",
+    "MPNNConfig",
+    "SchNet",
+    "SchNetConfig",
+    "create_model",
+    "default_config",
+    "model_names",
+]
+
+#: name -> (model class, default config)
+MODELS: dict[str, tuple[type, object]] = {
+    "mhmp": (MHMP, MHMPConfig()),
+    "mhmp_pe": (MHMP, MHMPConfig(positional_encoding=True)),
+    "mpnn": (MPNN, MPNNConfig()),
+    "schnet": (SchNet, SchNetConfig()),
+}
+
+
+def model_names() -> list[str]:
+    """The registered model names."""
+    return list(MODELS)
+
+
+def default_config(name: str, **overrides):
+    """The default config of model ``name`` with ``overrides`` applied (typed fields)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {model_names()}")
+    config = MODELS[name][1]
+    fields = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"{name}: unknown config field(s) {unknown}; fields: {sorted(fields)}")
+    return dataclasses.replace(config, **overrides)
+
+
+def create_model(name: str, *, rngs: nnx.Rngs, config=None, **overrides) -> nnx.Module:
+    """Build model ``name`` from ``config`` (default: its default config) plus ``overrides``."""
+    if config is None:
+        config = default_config(name, **overrides)
+    elif overrides:
+        config = dataclasses.replace(config, **overrides)
+    return MODELS[name][0](config, rngs=rngs)

@@ -1,0 +1,65 @@
+"""What every model reads off a padded batch: edge geometry, masks, sizes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+import jraph
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from mpattn.nn.radial import edge_distances
+
+__all__ = ["GraphInputs", "check_max_nodes", "graph_inputs"]
+
+NOT_BONDED = 4
+
+
+@dataclass
+class GraphInputs:
+    """Arrays shared by the layers of a model (see DESIGN.md's graph contract)."""
+
+    senders: Int[Array, " num_edges"]
+    receivers: Int[Array, " num_edges"]
+    distances: Float[Array, " num_edges"]
+    bond: Int[Array, " num_edges"]
+    n_node: Int[Array, " num_graphs"]
+    edge_mask: Bool[Array, " num_edges"] | None
+
+
+def graph_inputs(graph: jraph.GraphsTuple, *, bonded_only: bool = False) -> GraphInputs:
+    """Distances from positions (never stored), bond categories, optional bonded-only mask.
+
+    Args:
+        graph: a padded batch.
+        bonded_only: mask out ``not bonded`` edges (messages and attention along bonds only,
+            whatever edge set the graph carries).
+    """
+    senders = jnp.asarray(graph.senders)
+    receivers = jnp.asarray(graph.receivers)
+    _, distances = edge_distances(jnp.asarray(graph.nodes["positions"]), senders=senders,
+                                  receivers=receivers, shift=graph.edges.get("shift"))
+    bond = jnp.asarray(graph.edges["bond"]).astype(jnp.int32)
+    return GraphInputs(
+        senders=senders,
+        receivers=receivers,
+        distances=distances,
+        bond=bond,
+        n_node=jnp.asarray(graph.n_node),
+        edge_mask=(bond != NOT_BONDED) if bonded_only else None,
+    )
+
+
+def check_max_nodes(graph: jraph.GraphsTuple, max_nodes: int, model: str) -> None:
+    """ValueError if a real molecule of the batch has more atoms than ``max_nodes``.
+
+    The dense per-molecule layout of the edge network has a static molecule size; call this
+    eagerly on the data (trainers do) since it cannot raise inside ``jax.jit``.
+    """
+    n_node = np.asarray(graph.n_node)
+    real = n_node[: int(np.nonzero(n_node)[0][-1])] if n_node.any() else n_node
+    if real.size and real.max() > max_nodes:
+        raise ValueError(f"{model}: a molecule has {int(real.max())} atoms, more than "
+                         f"max_nodes={max_nodes} of the dense edge-network layout; raise "
+                         "max_nodes in the model config")

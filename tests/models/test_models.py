@@ -1,0 +1,132 @@
+"""Every registered model: invariances, padding, jit, per-atom outputs, registry errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mpattn import testing
+from mpattn.graph import Budget, pad_batch
+from mpattn.models import create_model, default_config, model_names
+
+INDEX = np.arange(100, 112)  # 12 real QM9 molecules (5-9 heavy atoms)
+BUDGET = Budget(384, 6144, 16)
+TOL = dict(rtol=2e-4, atol=2e-4)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: create_model(name, rngs=nnx.Rngs(0)) for name in model_names()}
+
+
+@pytest.fixture(scope="module")
+def batch(qm9_graphset):
+    return pad_batch(qm9_graphset, INDEX, BUDGET)
+
+
+def _jitted(model):
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def f(state, graph):
+        return nnx.merge(graphdef, state)(graph)
+
+    return lambda graph: f(state, graph)
+
+
+def test_registry_names_and_errors():
+    assert model_names() == ["mhmp", "mhmp_pe", "mpnn", "schnet"]
+    with pytest.raises(ValueError, match=r"unknown model 'gat'; choose from \['mhmp', 'mhmp_pe'"):
+        default_config("gat")
+    with pytest.raises(ValueError, match=r"mpnn: unknown config field\(s\) \['heads'\]"):
+        create_model("mpnn", rngs=nnx.Rngs(0), heads=4)
+    assert default_config("mhmp_pe").positional_encoding
+    assert create_model("schnet", rngs=nnx.Rngs(0), interactions=2).config.interactions == 2
+
+
+@pytest.mark.parametrize("name", ["mhmp", "mpnn", "schnet"])
+def test_permutation_invariant(models, batch, name):
+    testing.assert_permutation_invariant(_jitted(models[name]), batch, **TOL)
+
+
+def test_mhmp_pe_is_not_permutation_invariant(models, batch):
+    """The positional encoding of the atom index is why MH-MP+PE scored worse in the thesis."""
+    with pytest.raises(AssertionError, match="not permutation invariant"):
+        testing.assert_permutation_invariant(_jitted(models["mhmp_pe"]), batch, **TOL)
+
+
+@pytest.mark.parametrize("name", ["mhmp", "mhmp_pe", "mpnn", "schnet"])
+def test_rotation_and_translation_invariant(models, batch, name):
+    f = _jitted(models[name])
+    testing.assert_rotation_invariant(f, batch, **TOL)
+    testing.assert_translation_invariant(f, batch, **TOL)
+
+
+@pytest.mark.parametrize("name", ["mhmp", "mhmp_pe", "mpnn", "schnet"])
+def test_padding_and_composition_invariant(models, qm9_graphset, name):
+    f = _jitted(models[name])
+    testing.assert_padding_invariant(f, qm9_graphset, INDEX, [BUDGET, Budget(640, 9216, 40)],
+                                     rtol=1e-5, atol=1e-5)
+    testing.assert_composition_invariant(f, qm9_graphset, INDEX[:6], np.arange(300, 320),
+                                         Budget(640, 9216, 40), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mhmp", "mpnn", "schnet"])
+def test_jit_and_no_jit_agree(models, batch, name):
+    np.testing.assert_allclose(_jitted(models[name])(batch), models[name](batch),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "overrides"), [("schnet", {}), ("mhmp", {"readout": "sum"}),
+                                                 ("mpnn", {"readout": "sum"})])
+def test_per_atom_outputs_sum_to_the_prediction(batch, name, overrides):
+    model = create_model(name, rngs=nnx.Rngs(1), **overrides)
+    total, atoms = model(batch, per_atom=True)
+    assert atoms.shape == (BUDGET.n_node,)
+    seg = np.repeat(np.arange(BUDGET.n_graph), batch.n_node)
+    np.testing.assert_allclose(np.bincount(seg, atoms, minlength=BUDGET.n_graph), total,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_per_atom_needs_a_sum_readout(models, batch):
+    with pytest.raises(ValueError, match=r"per-atom outputs need MHMPConfig\(readout='sum'\)"):
+        models["mhmp"](batch, per_atom=True)
+
+
+@pytest.mark.parametrize("name", ["mhmp", "mpnn", "schnet"])
+def test_position_gradients_finite_with_coincident_atoms(models, batch, name):
+    pos = np.array(batch.nodes["positions"])
+    pos[1] = pos[0]  # two atoms of the first molecule at the same place
+    graph = batch._replace(nodes={**batch.nodes, "positions": jnp.asarray(pos)})
+    model = models[name]
+
+    def energy(p):
+        return jnp.sum(model(graph._replace(nodes={**graph.nodes, "positions": p}))[:12])
+
+    g = jax.grad(energy)(jnp.asarray(pos))
+    assert np.all(np.isfinite(g)) and np.any(g != 0)
+
+
+def test_dense_layout_rejects_too_large_molecules(batch):
+    model = create_model("mpnn", rngs=nnx.Rngs(0), max_nodes=8)
+    with pytest.raises(ValueError, match="mpnn: a molecule has 1[0-9] atoms, more than "
+                                         "max_nodes=8"):
+        model.check(batch)
+
+
+def test_bonded_only_ignores_non_bonded_edges(batch):
+    """With ``bonded_only`` a model on the complete edge set gives the same output as on the
+    bonded edges alone: non-bonded edges carry nothing."""
+    model = create_model("mpnn", rngs=nnx.Rngs(2), bonded_only=True, layout="plain")
+    bonded = np.asarray(batch.edges["bond"]) != 4
+    keep = bonded | (np.arange(len(bonded)) >= int(batch.n_edge[:12].sum()))
+    sub = batch._replace(senders=batch.senders[keep], receivers=batch.receivers[keep],
+                         edges={k: v[keep] for k, v in batch.edges.items()},
+                         n_edge=np.array([*[int(bonded[s:e].sum()) for s, e in zip(
+                             np.cumsum(np.r_[0, batch.n_edge[:-1]])[:12],
+                             np.cumsum(batch.n_edge)[:12], strict=True)],
+                             *batch.n_edge[12:]], np.int32))
+    np.testing.assert_allclose(model(sub)[:12], model(batch)[:12], rtol=1e-5, atol=1e-5)
