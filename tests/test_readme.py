@@ -58,3 +58,13 @@ def test_readme_qm9_example_on_all_of_qm9(tmp_path, monkeypatch):
     np.testing.assert_allclose(ms.targets["U0"][ms.index_of([1])], [-40.47893 * Hartree],
                                rtol=1e-12)
     assert list((tmp_path / "cache").glob("qm9-*.npz"))
+
+
+def test_readme_models_example():
+    ns: dict = {}
+    exec(compile(_block("create_model"), "README.md", "exec"), ns)  # noqa: S102
+    batch, pred = ns["batch"], ns["pred"]
+    assert pred.shape == batch.n_node.shape and np.all(np.isfinite(pred))
+    seg = np.repeat(np.arange(len(batch.n_node)), batch.n_node)
+    np.testing.assert_allclose(np.bincount(seg, ns["per_atom"], minlength=len(batch.n_node)),
+                               ns["energy"], rtol=1e-5, atol=1e-5)

@@ -130,3 +130,28 @@ def test_bonded_only_ignores_non_bonded_edges(batch):
                              np.cumsum(batch.n_edge)[:12], strict=True)],
                              *batch.n_edge[12:]], np.int32))
     np.testing.assert_allclose(model(sub)[:12], model(batch)[:12], rtol=1e-5, atol=1e-5)
+
+
+def test_schnet_gradients_finite_at_exactly_the_cutoff(batch):
+    model = create_model("schnet", rngs=nnx.Rngs(3), interactions=2, cutoff=1.5)
+    pos = np.array(batch.nodes["positions"], np.float32)
+    pos[1] = pos[0] + np.array([1.5, 0.0, 0.0], np.float32)  # exactly at the cutoff
+    graph = batch._replace(nodes={**batch.nodes, "positions": jnp.asarray(pos)})
+    d = np.linalg.norm(pos[1] - pos[0])
+    assert d == np.float32(1.5)
+
+    def energy(p):
+        return jnp.sum(model(graph._replace(nodes={**graph.nodes, "positions": p}))[:12])
+
+    g = jax.grad(energy)(jnp.asarray(pos))
+    assert np.all(np.isfinite(g))
+
+
+def test_mhmp_with_distance_aware_attention_is_invariant(batch):
+    model = create_model("mhmp", rngs=nnx.Rngs(4), attention_bias="bond+distance")
+    f = _jitted(model)
+    testing.assert_permutation_invariant(f, batch, **TOL)
+    testing.assert_rotation_invariant(f, batch, **TOL)
+    out = f(batch)
+    plain = _jitted(create_model("mhmp", rngs=nnx.Rngs(4)))(batch)
+    assert not np.allclose(out[:12], plain[:12])  # the bias does change the model
