@@ -1,0 +1,1 @@
+"""Experiments: thin command-line programs over the mpattn library."""

@@ -1,0 +1,97 @@
+"""Train a model on QM9 (U0 by default) and report the test MAE in meV.
+
+    python -m experiments.qm9_u0                       # preset by hardware (see --preset)
+    python -m experiments.qm9_u0 --preset thesis --model mhmp_pe
+    python -m experiments.qm9_u0 --workdir runs/x --resume
+
+Writes into --workdir: results.json, metrics.csv, curves.png, parity.png, per_size.png,
+split.json and checkpoints/ (orbax).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from mpattn.data.qm9 import TARGETS
+from mpattn.models import model_names
+from mpattn.train.experiment import PRESETS, run_qm9
+from mpattn.train.losses import LOSSES
+from mpattn.train.schedules import SCHEDULES
+
+
+def _default_preset() -> tuple[str, str]:
+    import jax
+
+    kind = jax.devices()[0].platform
+    if kind in ("gpu", "tpu", "cuda", "rocm"):
+        return "standard", f"an accelerator ({kind}) is present"
+    return "cpu", "no accelerator found (JAX runs on the CPU)"
+
+
+def parse(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m experiments.qm9_u0",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="mhmp", choices=model_names())
+    ap.add_argument("--preset", default=None, choices=list(PRESETS),
+                    help="default: 'standard' with an accelerator, 'cpu' without")
+    ap.add_argument("--target", default="U0", choices=list(TARGETS))
+    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--time-budget-min", type=float)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--loss", choices=LOSSES)
+    ap.add_argument("--schedule", choices=SCHEDULES)
+    ap.add_argument("--edge-set", choices=["complete", "bonds", "radius"])
+    ap.add_argument("--cutoff", type=float, help="Å, for --edge-set radius")
+    ap.add_argument("--train-size", type=int)
+    ap.add_argument("--val-size", type=int)
+    ap.add_argument("--test-size", type=int)
+    ap.add_argument("--split-file", help="npz or json with QM9 ids under train/val/test")
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--workdir", default="runs/qm9_u0")
+    ap.add_argument("--resume", action="store_true", help="continue the run in --workdir")
+    ap.add_argument("--dataset-cache", help="featurized QM9 cache file (no RDKit/qm9pack)")
+    ap.add_argument("--model-config", default="{}",
+                    help='model config overrides as JSON, e.g. \'{"dim": 128}\'')
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if args.preset is None:
+        args.preset, why = _default_preset()
+        print(f"preset '{args.preset}': {why}")
+    preset = PRESETS[args.preset]
+    print(f"preset '{args.preset}': {preset.why}")
+    fields = {"model": args.model, "target": args.target, "epochs": args.epochs,
+              "time_budget_min": args.time_budget_min, "batch_size": args.batch_size,
+              "lr": args.lr, "loss": args.loss, "schedule": args.schedule,
+              "edge_set": args.edge_set, "cutoff": args.cutoff, "seed": args.seed}
+    config = dataclasses.replace(preset.train, **{k: v for k, v in fields.items()
+                                                  if v is not None})
+    sizes = list(preset.sizes)
+    for i, v in enumerate((args.train_size, args.val_size, args.test_size)):
+        if v is not None:
+            sizes[i] = v
+    try:
+        overrides = json.loads(args.model_config)
+        results = run_qm9(config, workdir=args.workdir, sizes=tuple(sizes),
+                          split_file=args.split_file, resume=args.resume,
+                          dataset_cache=args.dataset_cache, model_overrides=overrides,
+                          preset=args.preset, progress=not args.no_progress)
+    except (ValueError, json.JSONDecodeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    t = results["test"]
+    unit = "meV" if "mae_mev" in t else TARGETS[config.target][0]
+    print(f"test MAE {t.get('mae_mev', t.get('mae')):.2f} {unit}; results in "
+          f"{args.workdir}/results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

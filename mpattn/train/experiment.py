@@ -1,0 +1,146 @@
+"""A whole QM9 run: data, split (saved), training, best-checkpoint test evaluation, outputs.
+
+``experiments/qm9_u0.py`` is the command-line face of :func:`run_qm9`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from mpattn.train.loop import TrainConfig, Trainer, prepare
+from mpattn.train.report import plot_curves, plot_parity, plot_per_size, write_json
+
+__all__ = ["PRESETS", "Preset", "run_qm9"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Split sizes and training settings of a named setup."""
+
+    sizes: tuple[int, int, int | None]
+    train: TrainConfig
+    why: str
+
+
+PRESETS: dict[str, Preset] = {
+    "thesis": Preset((15_000, 4_300, 2_200), TrainConfig(
+        loss="mse", reference=False, batch_size=8, lr=1e-3, schedule="step", epochs=200),
+        "the MH-MP thesis: 15,000/4,300/2,200, batch 8, MSE, Adam 1e-3 x0.7 every 5 epochs"),
+    "standard": Preset((110_000, 10_000, None), TrainConfig(
+        loss="l1", batch_size=64, lr=1e-3, schedule="cosine", epochs=300),
+        "the literature's split: 110,000/10,000/rest"),
+    "cpu": Preset((15_000, 1_000, 5_000), TrainConfig(
+        loss="l1", batch_size=32, lr=1e-3, schedule="cosine", epochs=6,
+        time_budget_min=12.0),
+        "sized to finish in about 15 minutes on 2 CPU cores"),
+}
+
+
+def _versions() -> dict:
+    out = {}
+    for pkg in ("mpattn", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _device() -> str:
+    import jax
+
+    d = jax.devices()[0]
+    return f"{d.platform}:{d.device_kind} x{jax.device_count()}"
+
+
+def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=None,
+            resume: bool = False, dataset_cache: str | Path | None = None,
+            model_overrides: dict | None = None, preset: str | None = None,
+            progress: bool = True, log=print) -> dict:
+    """Train and evaluate on QM9; writes results.json, metrics.csv, plots, checkpoints, split.
+
+    Args:
+        config: training settings (model name, target, loss, epochs, ...).
+        workdir: output folder; with ``resume`` it must hold a previous run's checkpoints.
+        sizes: (train, val, test) split sizes (test None: the rest).
+        split_file: a split file of QM9 ids (overrides ``sizes``).
+        resume: continue the run in ``workdir`` exactly where it stopped.
+        dataset_cache: a featurized-QM9 cache file to load instead of qm9pack (no RDKit).
+        model_overrides: model config fields.
+        preset: name recorded in results.json.
+    """
+    from mpattn.data.cache import load_molset
+    from mpattn.data.qm9 import load_qm9, load_split, make_split, save_split
+    from mpattn.models import default_config
+
+    t_start = time.perf_counter()
+    workdir = Path(workdir)
+    if resume:
+        if not (workdir / "checkpoints").is_dir():
+            raise ValueError(f"--resume: {workdir} holds no checkpoints/ folder (nothing to "
+                             "resume); run without --resume to start")
+        split_file = split_file or workdir / "split.json"
+    workdir.mkdir(parents=True, exist_ok=True)
+    ms = load_molset(Path(dataset_cache)) if dataset_cache else load_qm9(progress=progress,
+                                                                          log=log)
+    if split_file is not None:
+        split = load_split(split_file, available=ms.ids)
+    else:
+        split = make_split(ms.ids, sizes=sizes, seed=config.seed)
+    save_split(split, workdir / "split.json")
+    log(f"split: {len(split.train):,} train / {len(split.val):,} val / {len(split.test):,} test")
+    data = prepare(ms, split, config)
+    model_config = default_config(config.model, **(model_overrides or {}))
+    trainer = Trainer(config, data, workdir, model_config=model_config, log=log)
+    if resume:
+        trainer.restore("latest")
+        log(f"resumed at epoch {trainer.epoch} (step {int(trainer.carry['step'])})")
+    log(f"model {config.model}: {trainer.num_params:,} parameters; "
+        f"{trainer.steps_per_epoch} batches per epoch; device {_device()}")
+    history = trainer.fit(progress=progress)
+    if trainer.checkpoints.best_step() is not None:
+        trainer.restore("best")
+    val, test = trainer.report(data.val), trainer.report(data.test)
+    key = "mae_mev" if "mae_mev" in test else "mae"
+    log(f"test MAE {test[key]:.2f} {'meV' if key == 'mae_mev' else ''} "
+        f"(val {val[key]:.2f}); best epoch {trainer.epoch}")
+    train_s = sum(r["seconds"] for r in history)
+    results = {
+        "target": config.target,
+        "preset": preset,
+        "test": {k: v for k, v in test.items() if not k.startswith("_")},
+        "val": {k: v for k, v in val.items() if not k.startswith("_")},
+        "epochs": len(history),
+        "best_epoch": trainer.epoch,
+        "train_seconds": train_s,
+        "wall_seconds": time.perf_counter() - t_start,
+        "train_mol_per_s": float(np.median([r["train_mol_per_s"] for r in history]))
+        if history else None,
+        "params": trainer.num_params,
+        "device": _device(),
+        "python": platform.python_version(),
+        "versions": _versions(),
+        "config": dataclasses.asdict(config),
+        "model_config": dataclasses.asdict(model_config),
+        "split_sizes": [len(split.train), len(split.val), len(split.test)],
+    }
+    write_json(workdir / "results.json", results)
+    if history:
+        plot_curves(history, workdir / "curves.png")
+    unit = "eV" if key == "mae_mev" else config.target
+    offset, quantity = None, config.target
+    if config.reference:
+        offset = data.transform.reference(data.test.counts)
+        quantity = f"{config.target} − Σ n_e E_e"
+    plot_parity(test["_pred"], data.test.true, workdir / "parity.png", unit=unit,
+                offset=offset, quantity=quantity)
+    plot_per_size(test["per_size"], workdir / "per_size.png", key=key,
+                  unit="meV" if key == "mae_mev" else unit)
+    return results

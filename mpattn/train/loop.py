@@ -1,0 +1,307 @@
+"""The training engine: one jit-compiled train step over ``(graphdef, state)``, epochs,
+validation in physical units, orbax checkpoints and exact resumption.
+
+The device only sees standardised residual targets (float32); references, decoding and
+metrics run on the host in float64 (:mod:`mpattn.train.targets`). Checkpoints are written at
+epoch ends; each epoch's batch order is a function of (seed, epoch), so a run killed mid-epoch
+resumes from the last epoch end and replays the same batches: the final metrics equal those
+of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mpattn.data.graphset import GraphSet
+from mpattn.data.loader import BatchLoader
+from mpattn.data.molecules import MoleculeSet
+from mpattn.data.qm9 import Split
+from mpattn.featurize import FeaturizeOptions
+from mpattn.graph import graph_mask
+from mpattn.models import create_model, default_config
+from mpattn.train.checkpoint import Checkpointer
+from mpattn.train.losses import loss_value
+from mpattn.train.metrics import error_report
+from mpattn.train.schedules import current_lr, ema_init, ema_update, make_optimizer
+from mpattn.train.targets import TargetTransform, element_counts
+
+__all__ = ["Prepared", "TrainConfig", "Trainer", "TrainingDiverged", "prepare"]
+
+ELEMENTS = (1, 6, 7, 8, 9)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the step."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on besides the data and the model's own config."""
+
+    model: str = "mhmp"
+    target: str = "U0"
+    reference: bool = True  # per-element linear reference subtracted before standardising
+    loss: str = "l1"
+    weighting: str = "none"
+    weight_r: float = 1.0
+    lr: float = 1e-3
+    schedule: str = "step"
+    epochs: int = 200
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    clip_norm: float | None = 10.0
+    ema_decay: float | None = None
+    seed: int = 0
+    time_budget_min: float | None = None
+    edge_set: str = "complete"
+    cutoff: float | None = None
+    keep_checkpoints: int = 3
+
+
+@dataclass
+class Split3:
+    """One part of a split, ready to batch: graphs with standardised targets + host truth."""
+
+    graphs: GraphSet
+    true: np.ndarray  # float64 [G], target units
+    counts: np.ndarray  # float64 [G, elements]
+    n_atoms: np.ndarray  # int [G]
+
+
+@dataclass
+class Prepared:
+    train: Split3
+    val: Split3
+    test: Split3
+    transform: TargetTransform
+    elements: tuple[int, ...] = ELEMENTS
+    extra: dict = field(default_factory=dict)
+
+
+def prepare(ms: MoleculeSet, split: Split, config: TrainConfig) -> Prepared:
+    """Graphs of each split part; the target transform is fitted on the training part."""
+    if config.target not in ms.targets:
+        raise ValueError(f"unknown target {config.target!r}; choose from {sorted(ms.targets)}")
+    options = FeaturizeOptions(edge_set=config.edge_set, cutoff=config.cutoff)
+    parts = {}
+    for name in ("train", "val", "test"):
+        sub = ms.subset(ms.index_of(getattr(split, name)))
+        counts = element_counts(sub.z, sub.n_atoms, ELEMENTS)
+        parts[name] = (sub, counts)
+    seen = parts["train"][1].sum(axis=0) > 0
+    for name in ("val", "test"):
+        unseen = (parts[name][1].sum(axis=0) > 0) & ~seen
+        if unseen.any():
+            from ase.data import chemical_symbols
+
+            missing = [chemical_symbols[ELEMENTS[i]] for i in np.nonzero(unseen)[0]]
+            raise ValueError(f"element(s) {missing} occur in the {name} split but not in the "
+                             "training split: the per-element reference cannot be fitted")
+    sub, counts = parts["train"]
+    transform = TargetTransform.fit(sub.targets[config.target], counts,
+                                    reference=config.reference, elements=ELEMENTS)
+    out = {}
+    for name, (sub, counts) in parts.items():
+        gs = sub.to_graphset(options, targets=[])
+        true = sub.targets[config.target].astype(np.float64)
+        gs.globals["y"] = transform.encode(true, counts).astype(np.float32)
+        out[name] = Split3(gs, true, counts, sub.n_atoms.astype(np.int64))
+    return Prepared(out["train"], out["val"], out["test"], transform)
+
+
+def _to_builtin(obj):
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item")
+                                 else str(o)))
+
+
+class Trainer:
+    """Trains ``config.model`` on prepared data, writing ``metrics.csv`` and checkpoints.
+
+    Args:
+        config: the run's :class:`TrainConfig`.
+        data: :func:`prepare`'s output.
+        workdir: output folder (created).
+        model_config: the model's typed config (default: its registry default).
+        log: where one-line messages go.
+    """
+
+    def __init__(self, config: TrainConfig, data: Prepared, workdir: str | Path, *,
+                 model_config=None, log: Callable[[str], None] = print):
+        self.config, self.data, self.log = config, data, log
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.model_config = model_config or default_config(config.model)
+        model = create_model(config.model, rngs=nnx.Rngs(config.seed), config=self.model_config)
+        for b in BatchLoader(data.train.graphs, config.batch_size, prefetch=0, shuffle=False):
+            model.check(b)
+        self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        self.loader = BatchLoader(data.train.graphs, config.batch_size, seed=config.seed)
+        self.steps_per_epoch = len(self.loader)
+        self.optimizer = make_optimizer(config.lr, schedule=config.schedule,
+                                        steps_per_epoch=self.steps_per_epoch,
+                                        epochs=config.epochs, clip_norm=config.clip_norm)
+        self.carry = {"params": params, "rest": rest, "opt": self.optimizer.init(params),
+                      "step": jnp.zeros((), jnp.int32)}
+        if config.ema_decay:
+            self.carry["ema"] = ema_init(params)
+        self.num_params = int(sum(x.size for x in jax.tree.leaves(params)))
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.checkpoints = Checkpointer(self.workdir / "checkpoints",
+                                        max_to_keep=config.keep_checkpoints)
+        self.train_step = self._make_train_step()
+        self.predict_step = jax.jit(self._predict)
+
+    # ------------------------------------------------------------------ steps
+
+    def _loss(self, params, rest, graph):
+        model = nnx.merge(self.graphdef, params, rest)
+        c = self.config
+        return loss_value(c.loss, model(graph), graph.globals["y"], graph_mask(graph),
+                          graph.n_node, weighting=c.weighting, r=c.weight_r)
+
+    def _make_train_step(self):
+        ema = self.config.ema_decay
+
+        @functools.partial(jax.jit, donate_argnums=0)
+        def train_step(carry, graph):
+            loss, grads = jax.value_and_grad(self._loss)(carry["params"], carry["rest"], graph)
+            updates, opt = self.optimizer.update(grads, carry["opt"], carry["params"],
+                                                 value=loss)
+            params = optax.apply_updates(carry["params"], updates)
+            out = {**carry, "params": params, "opt": opt, "step": carry["step"] + 1}
+            if ema:
+                out["ema"] = ema_update(carry["ema"], params, ema, step=carry["step"])
+            return out, loss
+
+        return train_step
+
+    def _predict(self, params, rest, graph):
+        return nnx.merge(self.graphdef, params, rest)(graph)
+
+    def eval_params(self):
+        return self.carry.get("ema", self.carry["params"])
+
+    def predict(self, part: Split3) -> np.ndarray:
+        """Predictions in target units (float64) for every molecule of ``part``, in order."""
+        gs = part.graphs
+        out = np.empty(len(gs), np.float64)
+        where = {int(i): k for k, i in enumerate(gs.ids)}
+        loader = BatchLoader(gs, self.config.eval_batch_size, shuffle=False, prefetch=2)
+        params = self.eval_params()
+        for b in loader:
+            pred = np.asarray(self.predict_step(params, self.carry["rest"], b), np.float64)
+            ids = np.asarray(b.globals["id"])
+            real = ids >= 0
+            out[[where[int(i)] for i in ids[real]]] = pred[real]
+        return self.data.transform.decode(out, part.counts)
+
+    def report(self, part: Split3) -> dict:
+        """Errors of ``part`` in physical units (see :func:`~mpattn.train.metrics.error_report`);
+        the predictions themselves under ``"_pred"``."""
+        from mpattn.data.qm9 import TARGETS
+
+        pred = self.predict(part)
+        unit = TARGETS[self.config.target][0] if self.config.target in TARGETS else "eV"
+        return error_report(pred, part.true, n_atoms=part.n_atoms, counts=part.counts,
+                            elements=list(self.data.elements), unit=unit) | {"_pred": pred}
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self, progress: bool = True) -> list[dict]:
+        """Train until ``config.epochs`` or the time budget; returns the per-epoch rows."""
+        from tqdm.auto import tqdm
+
+        c = self.config
+        budget_s = None if c.time_budget_min is None else 60 * c.time_budget_min
+        t_start = time.perf_counter()
+        spent = sum(r["seconds"] for r in self.history)
+        bar = tqdm(total=c.epochs, initial=self.epoch, desc="epochs", unit="epoch",
+                   disable=not progress)
+        while self.epoch < c.epochs:
+            t0 = time.perf_counter()
+            step0 = int(self.carry["step"])
+            losses = []
+            for batch in self.loader.epoch(self.epoch):
+                self.carry, loss = self.train_step(self.carry, batch)
+                losses.append(loss)
+            losses = np.asarray(jax.device_get(losses), np.float64)
+            if not np.all(np.isfinite(losses)):
+                bad = int(np.nonzero(~np.isfinite(losses))[0][0])
+                raise TrainingDiverged(
+                    f"loss is {losses[bad]} at step {step0 + bad + 1} (epoch {self.epoch + 1});"
+                    f" the last good checkpoint (step {self.checkpoints.latest_step()}) is kept")
+            train_s = time.perf_counter() - t0
+            val = self.report(self.data.val)
+            srt = np.sort(losses)
+            row = {
+                "epoch": self.epoch + 1,
+                "step": int(self.carry["step"]),
+                "train_loss": float(losses.mean()),
+                "train_loss_low5": float(srt[:5].mean()),
+                "train_loss_high5": float(srt[-5:].mean()),
+                "val_mae": float(val.get("mae_mev", val.get("mae"))),
+                "lr": float(current_lr(self.carry["opt"])),
+                "seconds": time.perf_counter() - t0,
+                "train_mol_per_s": len(self.data.train.graphs) / train_s,
+            }
+            self.history.append(row)
+            self.epoch += 1
+            self._write_metrics()
+            self.save(row["val_mae"])
+            bar.update(1)
+            bar.set_postfix(val_mae=f"{row['val_mae']:.1f}",
+                            mol_s=f"{row['train_mol_per_s']:.0f}")
+            elapsed = spent + time.perf_counter() - t_start
+            if budget_s is not None and elapsed + row["seconds"] > budget_s:
+                self.log(f"time budget of {c.time_budget_min} min reached after "
+                         f"{self.epoch} epochs")
+                break
+        bar.close()
+        return self.history
+
+    # ------------------------------------------------------------------ persistence
+
+    def _write_metrics(self) -> None:
+        path = self.workdir / "metrics.csv"
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(self.history[0]))
+            w.writeheader()
+            w.writerows(self.history)
+
+    def meta(self) -> dict:
+        return _to_builtin({
+            "epoch": self.epoch,
+            "history": self.history,
+            "config": dataclasses.asdict(self.config),
+            "model_config": dataclasses.asdict(self.model_config),
+            "transform": self.data.transform.to_dict(),
+        })
+
+    def save(self, val_mae: float) -> dict:
+        return self.checkpoints.save(int(self.carry["step"]), self.carry, meta=self.meta(),
+                                     val_mae=val_mae if math.isfinite(val_mae) else None)
+
+    def restore(self, which: str = "latest") -> None:
+        """Load the workdir's latest checkpoint (to continue training: metrics.csv is cut back
+        to it) or its best one (to evaluate: the training state stays as it was)."""
+        self.carry, meta = self.checkpoints.restore(self.carry, which=which)
+        self.epoch = int(meta["epoch"])
+        if which == "latest":
+            self.history = list(meta["history"])
+            if self.history:
+                self._write_metrics()

@@ -1,0 +1,172 @@
+"""Masked per-graph losses with the size weightings of the SchNet size study, and its sampling.
+
+:func:`loss_value` is pure and jit-friendly: an elementwise loss (MSE as in the thesis, L1,
+Huber) per real graph, multiplied by a per-graph weight ``v`` and normalised by ``Σ mask·v``,
+so the loss is a weighted *mean* over real graphs whatever the weighting (with
+``weighting="none"`` it is the plain mean over real graphs). Padding graphs (``mask`` False)
+are removed with a double ``where`` on both the inputs and the result: whatever they hold, they
+change neither the loss nor its gradient.
+
+Size weightings (s = atoms of the molecule, r a positive exponent, natural log):
+
+* ``"size"``: ``v = (s - 7)^r / 10^(r+1) + 1``. For integer r this is the formula as written;
+  for non-integer r and s < 7 the power of a negative base is undefined, and we use the odd
+  extension ``sign(s-7)·|s-7|^r`` (the term is at most ``6^r/10^(r+1)`` in size there, so the
+  weight stays within a few percent of 1).
+* ``"size_freq"``: ``v = log(s^r / 10^(r+1) - r/4.5)``. The argument is below 1 (log
+  negative) or below 0 (undefined) for small s. Where v is undefined or below
+  :data:`WEIGHT_FLOOR` it is clamped to :data:`WEIGHT_FLOOR` (1e-3). Note: for QM9's sizes
+  (3 to 29 atoms) and r = 1 or 2 the argument never exceeds 1, so *every* weight is clamped
+  and the loss reduces to the unweighted mean; it only discriminates sizes for r ≥ 3.
+
+Both weights are floored at :data:`WEIGHT_FLOOR` so the normalisation never divides by a
+non-positive number.
+
+The study also balanced the training set by size: :func:`cap_per_size` keeps at most ``cap``
+molecules of each atom count, :func:`size_range` keeps an atom-count range (host-side numpy).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Bool, Float, Int
+
+__all__ = [
+    "LOSSES",
+    "WEIGHTINGS",
+    "WEIGHT_FLOOR",
+    "cap_per_size",
+    "elementwise_loss",
+    "graph_weights",
+    "loss_value",
+    "size_range",
+]
+
+LOSSES: tuple[str, ...] = ("mse", "l1", "huber")
+WEIGHTINGS: tuple[str, ...] = ("none", "size", "size_freq")
+#: Smallest per-graph weight (see module docstring).
+WEIGHT_FLOOR = 1e-3
+
+
+def _check(name: str, choices: tuple[str, ...], what: str) -> None:
+    if name not in choices:
+        raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(choices)}")
+
+
+def elementwise_loss(name: str, pred: Float[Array, "num_graphs ..."],
+                     target: Float[Array, "num_graphs ..."], *,
+                     huber_delta: float = 1.0) -> Float[Array, "num_graphs ..."]:
+    """The unreduced loss ``name`` (one of :data:`LOSSES`) between ``pred`` and ``target``."""
+    _check(name, LOSSES, "loss")
+    diff = pred - target
+    if name == "mse":
+        return diff * diff
+    if name == "l1":
+        return jnp.abs(diff)
+    return optax.huber_loss(pred, target, delta=huber_delta)
+
+
+def graph_weights(weighting: str, n_atoms: Int[Array, " num_graphs"], *,
+                  r: float = 1.0) -> Float[Array, " num_graphs"]:
+    """Per-graph weights ``v`` of a size weighting (one of :data:`WEIGHTINGS`).
+
+    Args:
+        weighting: ``"none"`` (all 1), ``"size"`` or ``"size_freq"`` (module docstring).
+        n_atoms: atoms per graph (s).
+        r: the exponent, a Python number (static).
+
+    Returns:
+        float32 weights, at least :data:`WEIGHT_FLOOR`.
+    """
+    _check(weighting, WEIGHTINGS, "weighting")
+    s = jnp.asarray(n_atoms, jnp.float32)
+    if weighting == "none":
+        return jnp.ones_like(s)
+    r = float(r)
+    if r <= 0:
+        raise ValueError(f"weighting exponent r must be positive, got {r}")
+    if weighting == "size":
+        d = s - 7.0
+        power = d ** int(r) if r.is_integer() else jnp.sign(d) * jnp.abs(d) ** r
+        v = power / 10.0 ** (r + 1) + 1.0
+    else:
+        arg = s**r / 10.0 ** (r + 1) - r / 4.5
+        v = jnp.log(jnp.where(arg > 0, arg, 1.0))  # double where: no NaN, even in gradients
+        v = jnp.where(arg > 0, v, WEIGHT_FLOOR)
+    return jnp.maximum(v, WEIGHT_FLOOR)
+
+
+def loss_value(name: str, pred: Float[Array, "num_graphs ..."],
+               target: Float[Array, "num_graphs ..."], mask: Bool[Array, " num_graphs"],
+               n_atoms: Int[Array, " num_graphs"], *, weighting: str = "none", r: float = 1.0,
+               huber_delta: float = 1.0) -> Float[Array, ""]:
+    """Weighted mean of a per-graph loss over the real graphs of a padded batch.
+
+    ``loss = Σ_g mask_g v_g ℓ_g / Σ_g mask_g v_g`` where ``ℓ_g`` is the elementwise loss,
+    averaged over any trailing (per-graph vector) axes, and ``v`` the size weights of
+    :func:`graph_weights`. A batch without real graphs gives 0.
+
+    Args:
+        name: ``"mse"``, ``"l1"`` or ``"huber"`` (:data:`LOSSES`).
+        pred, target: [num_graphs] or [num_graphs, ...], standardised targets.
+        mask: True for real graphs (``jraph.get_graph_padding_mask``).
+        n_atoms: atoms per graph (``graph.n_node``).
+        weighting, r: size weighting (:data:`WEIGHTINGS`) and its exponent.
+        huber_delta: the Huber loss' transition point (standardised units).
+
+    Raises:
+        ValueError: unknown ``name`` or ``weighting`` (the message lists the choices), or
+            shapes that differ (no broadcasting: ``[G, 1]`` against ``[G]`` is an error).
+    """
+    _check(name, LOSSES, "loss")
+    _check(weighting, WEIGHTINGS, "weighting")
+    if jnp.shape(pred) != jnp.shape(target) or jnp.shape(mask) != jnp.shape(pred)[:1]:
+        raise ValueError(  # a [G, 1] against [G] would silently broadcast to [G, G]
+            f"loss_value: pred {jnp.shape(pred)}, target {jnp.shape(target)} and mask "
+            f"{jnp.shape(mask)} do not match"
+        )
+    mask = jnp.asarray(mask, bool)
+    bmask = mask.reshape(mask.shape + (1,) * (pred.ndim - 1))
+    pred = jnp.where(bmask, pred, 0)
+    target = jnp.where(bmask, target, 0).astype(pred.dtype)
+    per = elementwise_loss(name, pred, target, huber_delta=huber_delta)
+    per = per.reshape(per.shape[0], -1).mean(axis=1)
+    v = jnp.where(mask, graph_weights(weighting, n_atoms, r=r).astype(per.dtype), 0)
+    total = jnp.sum(jnp.where(mask, v * per, 0))
+    norm = jnp.sum(v)
+    return total / jnp.maximum(norm, jnp.finfo(per.dtype).tiny)
+
+
+def cap_per_size(n_atoms, cap: int, seed: int = 0) -> np.ndarray:
+    """At most ``cap`` molecules of each atom count, drawn at random (host side).
+
+    Args:
+        n_atoms: int [num_molecules] atoms per molecule (of the training split).
+        cap: the most molecules kept per atom count (e.g. 2,000).
+        seed: seed of ``numpy.random.default_rng``.
+
+    Returns:
+        int64 sorted positions into ``n_atoms`` of the kept molecules.
+    """
+    if int(cap) < 1:
+        raise ValueError(f"cap_per_size: cap must be at least 1, got {cap}")
+    n_atoms = np.asarray(n_atoms).ravel()
+    rng = np.random.default_rng(seed)
+    keep = []
+    for s in np.unique(n_atoms):
+        idx = np.flatnonzero(n_atoms == s)
+        keep.append(idx if len(idx) <= cap else rng.choice(idx, int(cap), replace=False))
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+
+
+def size_range(n_atoms, min_atoms: int | None = None,
+               max_atoms: int | None = None) -> np.ndarray:
+    """Positions of the molecules with ``min_atoms <= atoms <= max_atoms`` (None: no bound)."""
+    n_atoms = np.asarray(n_atoms).ravel()
+    lo = -np.inf if min_atoms is None else min_atoms
+    hi = np.inf if max_atoms is None else max_atoms
+    if lo > hi:
+        raise ValueError(f"size_range: min_atoms {min_atoms} > max_atoms {max_atoms}")
+    return np.flatnonzero((n_atoms >= lo) & (n_atoms <= hi)).astype(np.int64)

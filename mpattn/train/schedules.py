@@ -1,0 +1,202 @@
+"""Optimisers and learning-rate schedules (optax), and EMA weights.
+
+:func:`make_optimizer` builds ``clip_by_global_norm → Adam(schedule) [→ reduce_on_plateau]``.
+The returned transformation always supports optax's extra arguments, and the train step calls
+it the same way for every schedule::
+
+    updates, opt_state = tx.update(grads, opt_state, params, value=loss)
+
+``value`` (the training loss of the batch, a scalar) is ignored by every schedule but
+``"plateau"``: there ``optax.contrib.reduce_on_plateau`` averages it over
+``steps_per_epoch`` updates (``accumulation_size``), i.e. it sees one number per epoch — the
+epoch's mean training loss — and multiplies the learning rate by ``plateau_factor`` after
+``plateau_patience`` epochs without relative improvement ``plateau_rtol``. Feeding the
+training loss keeps the whole optimiser inside the jitted, pure train step and its state in
+``opt_state`` (so it is checkpointed and resumes exactly); the validation MAE drives the
+choice of the best checkpoint instead.
+
+Adam runs under ``optax.inject_hyperparams``, so the learning rate of the latest update lives
+in ``opt_state`` and :func:`current_lr` reads it (times the plateau scale) for logging.
+
+EMA: :func:`ema_init` / :func:`ema_update` keep an exponential moving average of the
+parameters (``optax.ema`` averages *updates* and is meant to sit inside a chain, not to hold
+a copy of the weights; the loop evaluates with the EMA copy when asked to).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax import tree_utils as otu
+from optax.contrib import ReduceLROnPlateauState
+
+__all__ = [
+    "SCHEDULES",
+    "current_lr",
+    "ema_init",
+    "ema_update",
+    "make_optimizer",
+    "make_schedule",
+    "step_decay",
+    "warmup_cosine",
+]
+
+SCHEDULES: tuple[str, ...] = ("step", "cosine", "plateau", "constant")
+
+
+def _positive(name: str, value) -> int:
+    if int(value) < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+    return int(value)
+
+
+def step_decay(lr: float, *, steps_per_epoch: int, factor: float = 0.7, every_epochs: int = 5,
+               floor: float = 1e-5) -> optax.Schedule:
+    """The thesis' staircase decay: ``lr · factor^⌊epoch / every_epochs⌋``, never below ``floor``.
+
+    ``epoch = ⌊step / steps_per_epoch⌋``; with the defaults, ×0.7 every 5 epochs down to 1e-5.
+    A ``floor`` above ``lr`` is lowered to ``lr`` (the schedule never rises).
+    """
+    spe = _positive("steps_per_epoch", steps_per_epoch)
+    every = _positive("every_epochs", every_epochs)
+    if not 0 < factor <= 1:
+        raise ValueError(f"factor must be in (0, 1], got {factor}")
+    return optax.exponential_decay(init_value=lr, transition_steps=every * spe,
+                                   decay_rate=factor, staircase=True,
+                                   end_value=min(floor, lr))
+
+
+def warmup_cosine(lr: float, *, steps_per_epoch: int, epochs: int, warmup_epochs: float = 1,
+                  final_lr: float = 1e-6) -> optax.Schedule:
+    """Linear warmup from 0 to ``lr`` over ``warmup_epochs``, then cosine to ``final_lr``.
+
+    The cosine ends at step ``epochs · steps_per_epoch`` and stays at ``final_lr`` after it.
+    The warmup is shortened to at most half the run when the run is short.
+    """
+    spe = _positive("steps_per_epoch", steps_per_epoch)
+    total = _positive("epochs", epochs) * spe
+    warmup = min(int(round(warmup_epochs * spe)), total // 2)
+    return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=lr, warmup_steps=warmup,
+                                              decay_steps=total, end_value=final_lr)
+
+
+def make_schedule(lr: float, schedule: str, *, steps_per_epoch: int, epochs: int = 1,
+                  factor: float = 0.7, every_epochs: int = 5, floor: float = 1e-5,
+                  warmup_epochs: float = 1, final_lr: float = 1e-6) -> optax.Schedule:
+    """The step-indexed schedule of ``schedule`` (``"plateau"`` and ``"constant"``: constant)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if schedule == "step":
+        return step_decay(lr, steps_per_epoch=steps_per_epoch, factor=factor,
+                          every_epochs=every_epochs, floor=floor)
+    if schedule == "cosine":
+        return warmup_cosine(lr, steps_per_epoch=steps_per_epoch, epochs=epochs,
+                             warmup_epochs=warmup_epochs, final_lr=final_lr)
+    return optax.constant_schedule(lr)
+
+
+def make_optimizer(lr: float, *, schedule: str = "step", steps_per_epoch: int, epochs: int = 1,
+                   clip_norm: float | None = 10.0, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8, factor: float = 0.7, every_epochs: int = 5,
+                   floor: float = 1e-5, warmup_epochs: float = 1, final_lr: float = 1e-6,
+                   plateau_patience: int = 10, plateau_factor: float = 0.5,
+                   plateau_rtol: float = 1e-4, plateau_cooldown: int = 0,
+                   plateau_min_lr: float = 1e-6) -> optax.GradientTransformationExtraArgs:
+    """Adam with a learning-rate schedule and gradient clipping by global norm.
+
+    Args:
+        lr: peak (initial) learning rate.
+        schedule: one of :data:`SCHEDULES`: ``"step"`` (:func:`step_decay` with ``factor``,
+            ``every_epochs``, ``floor``), ``"cosine"`` (:func:`warmup_cosine` with
+            ``warmup_epochs``, ``final_lr``), ``"plateau"`` (constant ``lr`` scaled by
+            reduce-on-plateau on the epoch-mean training loss, see the module docstring;
+            ``plateau_patience`` and ``plateau_cooldown`` count epochs, the scale never
+            goes below ``plateau_min_lr / lr``), ``"constant"``.
+        steps_per_epoch: optimizer updates per epoch.
+        epochs: length of the run (for the cosine schedule).
+        clip_norm: global gradient norm cap applied before Adam (None: no clipping).
+        b1, b2, eps: Adam's parameters.
+
+    Returns:
+        A transformation whose ``update`` accepts (and, but for ``"plateau"``, ignores)
+        ``value=`` the batch loss.
+    """
+    sched = make_schedule(lr, schedule, steps_per_epoch=steps_per_epoch, epochs=epochs,
+                          factor=factor, every_epochs=every_epochs, floor=floor,
+                          warmup_epochs=warmup_epochs, final_lr=final_lr)
+    parts = []
+    if clip_norm is not None:
+        if not clip_norm > 0:
+            raise ValueError(f"clip_norm must be positive or None, got {clip_norm}")
+        parts.append(optax.clip_by_global_norm(clip_norm))
+    parts.append(optax.inject_hyperparams(optax.adam)(learning_rate=sched, b1=b1, b2=b2,
+                                                      eps=eps))
+    if schedule == "plateau":
+        parts.append(optax.contrib.reduce_on_plateau(
+            factor=plateau_factor, patience=_positive("plateau_patience", plateau_patience),
+            rtol=plateau_rtol, cooldown=plateau_cooldown,
+            accumulation_size=_positive("steps_per_epoch", steps_per_epoch),
+            min_scale=min(plateau_min_lr / lr, 1.0)))
+    return optax.chain(*parts)
+
+
+def current_lr(opt_state_or_schedule: Any, step: int | None = None) -> float:
+    """The learning rate, for logging.
+
+    Args:
+        opt_state_or_schedule: a schedule (then ``step`` is required), or the state of a
+            :func:`make_optimizer` transformation: then the learning rate its latest update
+            used (before any update: the first one's), times the reduce-on-plateau scale.
+        step: the step at which to evaluate a schedule.
+    """
+    if callable(opt_state_or_schedule):
+        if step is None:
+            raise ValueError("current_lr: a schedule needs a step")
+        return float(opt_state_or_schedule(step))
+    found = [v for _, v in otu.tree_get_all_with_path(opt_state_or_schedule, "learning_rate")
+             if hasattr(v, "dtype")]
+    if len(found) != 1:
+        raise ValueError("current_lr: no single injected learning_rate in this optimizer state")
+    # the plateau scale; a key search for "scale" would also hit LayerNorm parameters held
+    # in Adam's moments, so look for the reduce-on-plateau state itself
+    plateau = [s for s in jax.tree.leaves(
+        opt_state_or_schedule, is_leaf=lambda x: isinstance(x, ReduceLROnPlateauState))
+        if isinstance(s, ReduceLROnPlateauState)]
+    scale = plateau[0].scale if plateau else 1.0
+    return float(found[0]) * float(scale)
+
+
+def _is_float(x) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def ema_init(params: Any) -> Any:
+    """A copy of ``params`` (any pytree) to start the moving average from."""
+    return jax.tree.map(lambda p: jnp.array(p, copy=True) if _is_float(p) else p, params)
+
+
+def ema_update(ema: Any, params: Any, decay: float, *, step=None) -> Any:
+    """``ema ← d·ema + (1 - d)·params`` on every floating-point leaf (others: ``params``).
+
+    Args:
+        ema, params: pytrees of the same structure (e.g. ``nnx.State`` of the parameters).
+        decay: the decay ``d`` (e.g. 0.999); jit-friendly (may be traced).
+        step: optional update count; then ``d = min(decay, (1 + step) / (10 + step))``, the
+            warm start of TensorFlow's ``ExponentialMovingAverage`` (early averages are not
+            dominated by the random initialisation).
+    """
+    d = jnp.asarray(decay, jnp.float32)
+    if step is not None:
+        step = jnp.asarray(step, jnp.float32)
+        d = jnp.minimum(d, (1.0 + step) / (10.0 + step))
+
+    def one(e, p):
+        if not _is_float(p):
+            return p
+        return (d.astype(e.dtype) * e + (1 - d).astype(e.dtype) * p.astype(e.dtype))
+
+    return jax.tree.map(one, ema, params)
+

@@ -1,0 +1,146 @@
+"""The training engine end to end on real QM9 slices: outputs, compile count, resume after
+SIGKILL, divergence handling and the command line's errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mpattn.data.cache import save_molset
+from mpattn.data.qm9 import make_split
+from mpattn.train.loop import TrainConfig, Trainer, TrainingDiverged, prepare
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = {"interactions": 2, "dim": 32, "num_filters": 32, "num_rbf": 16, "cutoff": 5.0}
+SIZES = (300, 60, 100)  # seed 1 puts the slice's only F molecule in train
+
+
+@pytest.fixture(scope="module")
+def cache_file(qm9_molset, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cache") / "qm9-slice.npz"
+    save_molset(qm9_molset, path)
+    return path
+
+
+def _config(**kw) -> TrainConfig:
+    base = dict(model="schnet", epochs=3, batch_size=32, lr=1e-3, schedule="cosine", seed=1)
+    return TrainConfig(**(base | kw))
+
+
+def _run(cache_file, workdir, epochs=3, resume=False):
+    from mpattn.train.experiment import run_qm9
+
+    return run_qm9(_config(epochs=epochs), workdir=workdir, sizes=SIZES, resume=resume,
+                   dataset_cache=cache_file, model_overrides=TINY, progress=False,
+                   log=lambda *_: None)
+
+
+def test_tiny_run_writes_every_output_and_its_loss_falls(cache_file, tmp_path):
+    results = _run(cache_file, tmp_path / "run", epochs=4)
+    run = tmp_path / "run"
+    for name in ("results.json", "metrics.csv", "curves.png", "parity.png", "per_size.png",
+                 "split.json", "checkpoints"):
+        assert (run / name).exists(), name
+    on_disk = json.loads((run / "results.json").read_text())
+    assert on_disk["test"]["mae_mev"] == pytest.approx(results["test"]["mae_mev"])
+    assert on_disk["split_sizes"] == list(SIZES) and on_disk["params"] > 0
+    assert set(on_disk["test"]) >= {"mae_mev", "rmse_mev", "mae_kcal_mol", "per_size",
+                                    "per_element"}
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert {"train_loss_low5", "train_loss_high5", "val_mae", "lr", "seconds"} <= set(rows[0])
+    losses = [float(r["train_loss"]) for r in rows]
+    assert losses[-1] < losses[0]
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["train"]) == SIZES[0] and not set(split["train"]) & set(split["test"])
+
+
+def test_no_recompilation_across_batches_of_one_budget(qm9_molset, tmp_path):
+    split = make_split(qm9_molset.ids, sizes=SIZES, seed=1)  # QM9 id 184 (F) in train
+    cfg = _config(epochs=2)
+    data = prepare(qm9_molset, split, cfg)
+    from mpattn.models import default_config
+
+    trainer = Trainer(cfg, data, tmp_path, model_config=default_config("schnet", **TINY),
+                      log=lambda *_: None)
+    trainer.fit(progress=False)
+    shapes = {(b.nodes["z"].shape[0], b.senders.shape[0]) for e in range(2)
+              for b in trainer.loader.epoch(e)}
+    assert trainer.train_step._cache_size() == len(shapes) <= len(trainer.loader.budgets)
+
+
+def test_resume_after_sigkill_gives_the_same_final_metrics(cache_file, tmp_path):
+    epochs = 6
+    reference = _run(cache_file, tmp_path / "straight", epochs=epochs)
+    work = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "experiments.qm9_u0", "--model", "schnet",
+           "--dataset-cache", str(cache_file), "--workdir", str(work), "--epochs", str(epochs),
+           "--train-size", str(SIZES[0]), "--val-size", str(SIZES[1]), "--test-size",
+           str(SIZES[2]), "--batch-size", "32", "--lr", "1e-3", "--schedule", "cosine",
+           "--seed", "1", "--preset", "cpu", "--model-config", json.dumps(TINY),
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=os.environ | {"JAX_PLATFORMS": "cpu"})
+    ckpts = work / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):  # epoch 1 saved
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (work / "results.json").exists(), "the run finished before it was killed"
+    resumed = _run(cache_file, work, epochs=epochs, resume=True)
+    assert resumed["epochs"] == epochs
+    np.testing.assert_allclose(resumed["test"]["mae_mev"], reference["test"]["mae_mev"],
+                               rtol=1e-6)
+    a = [float(r["val_mae"]) for r in csv.DictReader((work / "metrics.csv").open())]
+    b = [float(r["val_mae"]) for r in csv.DictReader((tmp_path / "straight/metrics.csv").open())]
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(qm9_molset, tmp_path):
+    split = make_split(qm9_molset.ids, sizes=SIZES, seed=1)  # QM9 id 184 (F) in train
+    cfg = _config(epochs=2)
+    data = prepare(qm9_molset, split, cfg)
+    from mpattn.models import default_config
+
+    trainer = Trainer(cfg, data, tmp_path, model_config=default_config("schnet", **TINY),
+                      log=lambda *_: None)
+    trainer.fit(progress=False)
+    good_step = trainer.checkpoints.latest_step()
+    trainer.data.train.graphs.globals["y"][:] = np.nan  # a broken target from now on
+    trainer.config = _config(epochs=4)
+    with pytest.raises(TrainingDiverged, match=rf"loss is nan at step {good_step + 1} \(epoch 3\)"
+                                               rf".*checkpoint \(step {good_step}\) is kept"):
+        trainer.fit(progress=False)
+    assert trainer.checkpoints.latest_step() == good_step
+    state, meta = trainer.checkpoints.restore(trainer.carry, which="best")
+    assert meta["epoch"] == 2
+    import jax
+
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state["params"]))
+
+
+def test_command_line_errors(capsys, tmp_path):
+    from experiments.qm9_u0 import main
+
+    with pytest.raises(SystemExit):
+        main(["--model", "gpt"])
+    assert "invalid choice: 'gpt' (choose from mhmp, mhmp_pe, mpnn, schnet)" in \
+        capsys.readouterr().err.replace("'mhmp'", "mhmp").replace("'mhmp_pe'", "mhmp_pe") \
+        .replace("'mpnn'", "mpnn").replace("'schnet'", "schnet")
+    with pytest.raises(SystemExit):
+        main(["--preset", "huge"])
+    assert "choose from" in capsys.readouterr().err
+    assert main(["--resume", "--workdir", str(tmp_path / "none"), "--preset", "cpu"]) == 2
+    assert "holds no checkpoints/ folder" in capsys.readouterr().err
