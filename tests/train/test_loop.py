@@ -36,6 +36,19 @@ def _config(**kw) -> TrainConfig:
     return TrainConfig(**(base | kw))
 
 
+def _trained(molset, workdir, epochs: int = 2) -> Trainer:
+    """A tiny SchNet trained for ``epochs`` in-process (seed 1: QM9 id 184, the slice's only
+    F molecule, lands in the training split)."""
+    from mpattn.models import default_config
+
+    split = make_split(molset.ids, sizes=SIZES, seed=1)
+    cfg = _config(epochs=epochs)
+    trainer = Trainer(cfg, prepare(molset, split, cfg), workdir,
+                      model_config=default_config("schnet", **TINY), log=lambda *_: None)
+    trainer.fit(progress=False)
+    return trainer
+
+
 def _run(cache_file, workdir, epochs=3, resume=False):
     from mpattn.train.experiment import run_qm9
 
@@ -65,14 +78,7 @@ def test_tiny_run_writes_every_output_and_its_loss_falls(cache_file, tmp_path):
 
 
 def test_no_recompilation_across_batches_of_one_budget(qm9_molset, tmp_path):
-    split = make_split(qm9_molset.ids, sizes=SIZES, seed=1)  # QM9 id 184 (F) in train
-    cfg = _config(epochs=2)
-    data = prepare(qm9_molset, split, cfg)
-    from mpattn.models import default_config
-
-    trainer = Trainer(cfg, data, tmp_path, model_config=default_config("schnet", **TINY),
-                      log=lambda *_: None)
-    trainer.fit(progress=False)
+    trainer = _trained(qm9_molset, tmp_path)
     shapes = {(b.nodes["z"].shape[0], b.senders.shape[0]) for e in range(2)
               for b in trainer.loader.epoch(e)}
     assert trainer.train_step._cache_size() == len(shapes) <= len(trainer.loader.budgets)
@@ -109,14 +115,7 @@ def test_resume_after_sigkill_gives_the_same_final_metrics(cache_file, tmp_path)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(qm9_molset, tmp_path):
-    split = make_split(qm9_molset.ids, sizes=SIZES, seed=1)  # QM9 id 184 (F) in train
-    cfg = _config(epochs=2)
-    data = prepare(qm9_molset, split, cfg)
-    from mpattn.models import default_config
-
-    trainer = Trainer(cfg, data, tmp_path, model_config=default_config("schnet", **TINY),
-                      log=lambda *_: None)
-    trainer.fit(progress=False)
+    trainer = _trained(qm9_molset, tmp_path)
     good_step = trainer.checkpoints.latest_step()
     trainer.data.train.graphs.globals["y"][:] = np.nan  # a broken target from now on
     trainer.config = _config(epochs=4)
