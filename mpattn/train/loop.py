@@ -39,7 +39,7 @@ from mpattn.train.metrics import error_report
 from mpattn.train.schedules import current_lr, ema_init, ema_update, make_optimizer
 from mpattn.train.targets import TargetTransform, element_counts
 
-__all__ = ["Prepared", "TrainConfig", "Trainer", "TrainingDiverged", "prepare"]
+__all__ = ["Prepared", "TrainConfig", "Trainer", "TrainingDiverged", "build_carry", "prepare"]
 
 ELEMENTS = (1, 6, 7, 8, 9)
 
@@ -123,6 +123,26 @@ def prepare(ms: MoleculeSet, split: Split, config: TrainConfig) -> Prepared:
     return Prepared(out["train"], out["val"], out["test"], transform)
 
 
+def build_carry(config: TrainConfig, model_config, *, steps_per_epoch: int):
+    """A fresh model and training state for ``config``.
+
+    Returns:
+        ``(model, graphdef, optimizer, carry)`` where ``carry`` is the pytree the train step
+        updates and checkpoints hold: ``{"params", "rest", "opt", "step"[, "ema"]}``. Its
+        structure depends only on the configs, so it is also the restore template.
+    """
+    model = create_model(config.model, rngs=nnx.Rngs(config.seed), config=model_config)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    optimizer = make_optimizer(config.lr, schedule=config.schedule,
+                               steps_per_epoch=steps_per_epoch, epochs=config.epochs,
+                               clip_norm=config.clip_norm)
+    carry = {"params": params, "rest": rest, "opt": optimizer.init(params),
+             "step": jnp.zeros((), jnp.int32)}
+    if config.ema_decay:
+        carry["ema"] = ema_init(params)
+    return model, graphdef, optimizer, carry
+
+
 def _to_builtin(obj):
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item")
                                  else str(o)))
@@ -145,20 +165,13 @@ class Trainer:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.model_config = model_config or default_config(config.model)
-        model = create_model(config.model, rngs=nnx.Rngs(config.seed), config=self.model_config)
-        for b in BatchLoader(data.train.graphs, config.batch_size, prefetch=0, shuffle=False):
-            model.check(b)
-        self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         self.loader = BatchLoader(data.train.graphs, config.batch_size, seed=config.seed)
         self.steps_per_epoch = len(self.loader)
-        self.optimizer = make_optimizer(config.lr, schedule=config.schedule,
-                                        steps_per_epoch=self.steps_per_epoch,
-                                        epochs=config.epochs, clip_norm=config.clip_norm)
-        self.carry = {"params": params, "rest": rest, "opt": self.optimizer.init(params),
-                      "step": jnp.zeros((), jnp.int32)}
-        if config.ema_decay:
-            self.carry["ema"] = ema_init(params)
-        self.num_params = int(sum(x.size for x in jax.tree.leaves(params)))
+        model, self.graphdef, self.optimizer, self.carry = build_carry(
+            config, self.model_config, steps_per_epoch=self.steps_per_epoch)
+        for b in BatchLoader(data.train.graphs, config.batch_size, prefetch=0, shuffle=False):
+            model.check(b)
+        self.num_params = int(sum(x.size for x in jax.tree.leaves(self.carry["params"])))
         self.epoch = 0
         self.history: list[dict] = []
         self.checkpoints = Checkpointer(self.workdir / "checkpoints",
