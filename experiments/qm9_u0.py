@@ -56,6 +56,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--dataset-cache", help="featurized QM9 cache file (no RDKit/qm9pack)")
     ap.add_argument("--model-config", default="{}",
                     help='model config overrides as JSON, e.g. \'{"dim": 128}\'')
+    ap.add_argument("--num-devices", type=int,
+                    help="data-parallel devices (default: all visible)")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
@@ -70,7 +72,8 @@ def main(argv=None) -> int:
     fields = {"model": args.model, "target": args.target, "epochs": args.epochs,
               "time_budget_min": args.time_budget_min, "batch_size": args.batch_size,
               "lr": args.lr, "loss": args.loss, "schedule": args.schedule,
-              "edge_set": args.edge_set, "cutoff": args.cutoff, "seed": args.seed}
+              "edge_set": args.edge_set, "cutoff": args.cutoff, "seed": args.seed,
+              "num_devices": args.num_devices}
     config = dataclasses.replace(preset.train, **{k: v for k, v in fields.items()
                                                   if v is not None})
     sizes = list(preset.sizes)

@@ -27,19 +27,29 @@ import optax
 from flax import nnx
 
 from mpattn.data.graphset import GraphSet
-from mpattn.data.loader import BatchLoader
+from mpattn.data.loader import BatchLoader, derive_budgets
 from mpattn.data.molecules import MoleculeSet
 from mpattn.data.qm9 import Split
 from mpattn.featurize import FeaturizeOptions
 from mpattn.graph import graph_mask
 from mpattn.models import create_model, default_config
 from mpattn.train.checkpoint import Checkpointer
-from mpattn.train.losses import loss_value
+from mpattn.train.losses import graph_weights, loss_value
 from mpattn.train.metrics import error_report
 from mpattn.train.schedules import current_lr, ema_init, ema_update, make_optimizer
 from mpattn.train.targets import TargetTransform, element_counts
 
-__all__ = ["Prepared", "TrainConfig", "Trainer", "TrainingDiverged", "build_carry", "prepare"]
+__all__ = [
+    "Prepared",
+    "TrainConfig",
+    "Trainer",
+    "TrainingDiverged",
+    "build_carry",
+    "data_mesh",
+    "make_train_step",
+    "prepare",
+    "stack_batches",
+]
 
 ELEMENTS = (1, 6, 7, 8, 9)
 
@@ -70,6 +80,7 @@ class TrainConfig:
     edge_set: str = "complete"
     cutoff: float | None = None
     keep_checkpoints: int = 3
+    num_devices: int | None = None  # data parallelism over this many devices (None: all)
 
 
 @dataclass
@@ -143,6 +154,67 @@ def build_carry(config: TrainConfig, model_config, *, steps_per_epoch: int):
     return model, graphdef, optimizer, carry
 
 
+def data_mesh(num_devices: int | None = None):
+    """A 1-d ``jax.sharding.Mesh`` named ``"data"`` over the first ``num_devices`` devices
+    (default: all); multi-host runs call ``jax.distributed.initialize()`` first."""
+    from jax.sharding import Mesh
+
+    devices = jax.devices()
+    n = len(devices) if num_devices is None else num_devices
+    if not 1 <= n <= len(devices):
+        raise ValueError(f"num_devices={num_devices}, but {len(devices)} device(s) are visible")
+    return Mesh(np.array(devices[:n]), ("data",))
+
+
+def stack_batches(batches: list, mesh=None):
+    """Stack D equally shaped padded batches along a new leading axis (one per device) and,
+    with a mesh, shard that axis over its ``"data"`` devices (parameters stay replicated)."""
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
+    if mesh is None or mesh.size == 1:
+        return stacked
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return jax.device_put(stacked, NamedSharding(mesh, PartitionSpec("data")))
+
+
+def make_train_step(graphdef, optimizer, config: TrainConfig):
+    """The jit-compiled train step ``(carry, graphs) -> (carry, loss)`` (carry donated).
+
+    ``graphs`` holds D padded batches stacked on a leading axis (:func:`stack_batches`); the
+    loss is the weighted mean over the real graphs of all D batches,
+    ``Σ_d w_d L_d / Σ_d w_d`` with ``w_d`` the batch's summed graph weights, so that D
+    batches on D devices give the same step as one batch holding them all. With the stacked
+    axis sharded over a mesh, XLA runs each batch on its device and all-reduces the
+    gradients; parameters stay replicated.
+    """
+    c = config
+
+    def batch_loss(params, rest, graph):
+        pred = nnx.merge(graphdef, params, rest)(graph)
+        mask = graph_mask(graph)
+        loss = loss_value(c.loss, pred, graph.globals["y"], mask, graph.n_node,
+                          weighting=c.weighting, r=c.weight_r)
+        weight = jnp.sum(jnp.where(mask, graph_weights(c.weighting, graph.n_node,
+                                                       r=c.weight_r), 0.0))
+        return loss * weight, weight
+
+    def loss_fn(params, rest, graphs):
+        totals, weights = jax.vmap(batch_loss, in_axes=(None, None, 0))(params, rest, graphs)
+        return jnp.sum(totals) / jnp.maximum(jnp.sum(weights), 1e-12)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(carry, graphs):
+        loss, grads = jax.value_and_grad(loss_fn)(carry["params"], carry["rest"], graphs)
+        updates, opt = optimizer.update(grads, carry["opt"], carry["params"], value=loss)
+        params = optax.apply_updates(carry["params"], updates)
+        out = {**carry, "params": params, "opt": opt, "step": carry["step"] + 1}
+        if c.ema_decay:
+            out["ema"] = ema_update(carry["ema"], params, c.ema_decay, step=carry["step"])
+        return out, loss
+
+    return train_step
+
+
 def _to_builtin(obj):
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item")
                                  else str(o)))
@@ -165,7 +237,12 @@ class Trainer:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.model_config = model_config or default_config(config.model)
-        self.loader = BatchLoader(data.train.graphs, config.batch_size, seed=config.seed)
+        # with several devices every batch of a step must have the same shape: one budget
+        budgets = None
+        if (config.num_devices or jax.device_count()) > 1:
+            budgets = derive_budgets(data.train.graphs, config.batch_size, num_budgets=1)
+        self.loader = BatchLoader(data.train.graphs, config.batch_size, seed=config.seed,
+                                  budgets=budgets)
         self.steps_per_epoch = len(self.loader)
         model, self.graphdef, self.optimizer, self.carry = build_carry(
             config, self.model_config, steps_per_epoch=self.steps_per_epoch)
@@ -176,35 +253,34 @@ class Trainer:
         self.history: list[dict] = []
         self.checkpoints = Checkpointer(self.workdir / "checkpoints",
                                         max_to_keep=config.keep_checkpoints)
-        self.train_step = self._make_train_step()
+        self.mesh = data_mesh(config.num_devices)
+        self.train_step = make_train_step(self.graphdef, self.optimizer, config)
         self.predict_step = jax.jit(self._predict)
 
     # ------------------------------------------------------------------ steps
 
-    def _loss(self, params, rest, graph):
-        model = nnx.merge(self.graphdef, params, rest)
-        c = self.config
-        return loss_value(c.loss, model(graph), graph.globals["y"], graph_mask(graph),
-                          graph.n_node, weighting=c.weighting, r=c.weight_r)
-
-    def _make_train_step(self):
-        ema = self.config.ema_decay
-
-        @functools.partial(jax.jit, donate_argnums=0)
-        def train_step(carry, graph):
-            loss, grads = jax.value_and_grad(self._loss)(carry["params"], carry["rest"], graph)
-            updates, opt = self.optimizer.update(grads, carry["opt"], carry["params"],
-                                                 value=loss)
-            params = optax.apply_updates(carry["params"], updates)
-            out = {**carry, "params": params, "opt": opt, "step": carry["step"] + 1}
-            if ema:
-                out["ema"] = ema_update(carry["ema"], params, ema, step=carry["step"])
-            return out, loss
-
-        return train_step
 
     def _predict(self, params, rest, graph):
         return nnx.merge(self.graphdef, params, rest)(graph)
+
+    def _groups(self, epoch: int):
+        """The epoch's batches, D at a time, stacked (and sharded) for the train step."""
+        d = self.mesh.size
+        group = []
+        for batch in self.loader.epoch(epoch):
+            group.append(batch)
+            if len(group) == d:
+                yield stack_batches(group, self.mesh)
+                group = []
+        if group:  # fill the last group with batches of padding only (weight 0)
+            empty = jax.tree.map(np.zeros_like, group[0])
+            empty = empty._replace(n_node=np.array(group[0].n_node).copy(),
+                                   n_edge=np.array(group[0].n_edge).copy())
+            empty.n_node[:] = 0
+            empty.n_edge[:] = 0
+            empty.n_node[0] = group[0].nodes["z"].shape[0]
+            empty.n_edge[0] = group[0].senders.shape[0]
+            yield stack_batches(group + [empty] * (d - len(group)), self.mesh)
 
     def eval_params(self):
         return self.carry.get("ema", self.carry["params"])
@@ -249,8 +325,8 @@ class Trainer:
             t0 = time.perf_counter()
             step0 = int(self.carry["step"])
             losses = []
-            for batch in self.loader.epoch(self.epoch):
-                self.carry, loss = self.train_step(self.carry, batch)
+            for group in self._groups(self.epoch):
+                self.carry, loss = self.train_step(self.carry, group)
                 losses.append(loss)
             losses = np.asarray(jax.device_get(losses), np.float64)
             if not np.all(np.isfinite(losses)):

@@ -1,0 +1,160 @@
+"""The user-facing predictor on a tiny SchNet trained on the real 500-molecule QM9 slice:
+agreement with the training engine's own evaluation, invariances, the compile count, bad
+input and the command line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase import Atoms
+
+from mpattn.data.cache import save_molset
+from mpattn.predict import Predictor, load_predictor, main
+from mpattn.train.loop import TrainConfig
+
+TINY = {"interactions": 2, "dim": 32, "num_filters": 32, "num_rbf": 16, "cutoff": 5.0}
+SIZES = (300, 60, 100)  # seed 1 puts the slice's only F molecule in train
+CONFIG = TrainConfig(model="schnet", epochs=2, batch_size=32, lr=1e-3, schedule="cosine",
+                     seed=1)
+
+
+@pytest.fixture(scope="module")
+def workdir(qm9_molset, tmp_path_factory) -> Path:
+    """A tiny SchNet run (2 epochs) written by the experiment driver."""
+    from mpattn.train.experiment import run_qm9
+
+    root = tmp_path_factory.mktemp("predict")
+    save_molset(qm9_molset, root / "qm9-slice.npz")
+    run_qm9(CONFIG, workdir=root / "run", sizes=SIZES, dataset_cache=root / "qm9-slice.npz",
+            model_overrides=TINY, progress=False, log=lambda *_: None)
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def predictor(workdir) -> Predictor:
+    return load_predictor(workdir)
+
+
+def _atoms(ms) -> list[Atoms]:
+    return [Atoms(numbers=ms.z[a:b].astype(int), positions=ms.positions[a:b])
+            for a, b in zip(ms.atom_offsets[:-1], ms.atom_offsets[1:], strict=True)]
+
+
+@pytest.fixture(scope="module")
+def test_split(qm9_molset, workdir):
+    """The run's test molecules (ids from split.json) as a MoleculeSet and as ase.Atoms."""
+    ids = json.loads((workdir / "split.json").read_text())["test"]
+    ms = qm9_molset.subset(qm9_molset.index_of(ids))
+    return ms, _atoms(ms)
+
+
+def test_predictor_agrees_with_the_eval_step(qm9_molset, workdir, predictor, test_split):
+    """The predictor's U0 of the test molecules equals the Trainer's own test predictions
+    from the same (best) checkpoint. SchNet reads only elements and distances, so the bonds
+    that the predictor perceives from geometry (training used the SMILES template) cannot
+    make them differ; padding budgets and batch composition differ and must not matter."""
+    from mpattn.data.qm9 import load_split
+    from mpattn.models import default_config
+    from mpattn.train.loop import Trainer, prepare
+
+    split = load_split(workdir / "split.json")
+    data = prepare(qm9_molset, split, CONFIG)
+    trainer = Trainer(CONFIG, data, workdir, model_config=default_config("schnet", **TINY),
+                      log=lambda *_: None)
+    trainer.restore("best")
+    expected = trainer.predict(data.test)
+    ms, atoms = test_split
+    got = predictor(atoms)
+    assert got.dtype == np.float64 and got.shape == (len(ms),)
+    assert np.all(np.abs(got) > 1e3)  # the full U0 in eV, reference included
+    np.testing.assert_allclose(got, expected, rtol=1e-7, atol=1e-3)
+    assert (predictor.target, predictor.unit) == ("U0", "eV")
+    assert predictor.config == CONFIG
+    assert predictor.model_config == default_config("schnet", **TINY)
+    assert predictor.step == trainer.checkpoints.best_step()
+    # the model is a real fit: far better than the per-element reference alone
+    true = ms.targets["U0"]
+    ref = predictor.transform.reference(trainer.data.test.counts) + predictor.transform.mean
+    assert np.abs(got - true).mean() < np.abs(ref - true).mean()
+
+
+def test_order_and_batch_size_do_not_change_predictions(predictor, test_split):
+    atoms = test_split[1][:40]
+    base = predictor(atoms, batch_size=64)
+    perm = np.random.default_rng(0).permutation(len(atoms))
+    shuffled = predictor([atoms[i] for i in perm], batch_size=7)
+    np.testing.assert_allclose(shuffled, base[perm], rtol=1e-7, atol=1e-4)
+    single = predictor(atoms[3])
+    assert single.shape == (1,)
+    np.testing.assert_allclose(single, base[3:4], rtol=1e-7, atol=1e-4)
+    assert predictor([]).shape == (0,)
+
+
+def test_compiles_once_per_budget(workdir, test_split):
+    fresh = load_predictor(workdir)
+    _, atoms = test_split
+    for lo in (0, 20, 40):  # three calls on similarly sized inputs
+        fresh(atoms[lo:lo + 20], batch_size=10)
+    assert 1 <= fresh._forward._cache_size() == len(fresh.budgets_used) <= 3
+    assert all(b.n_graph == 11 and b.n_node % 64 == 0 and b.n_edge % 64 == 0
+               for b in fresh.budgets_used)
+
+
+def test_unknown_element_is_named(predictor, test_split):
+    _, atoms = test_split
+    chloro = Atoms("CH3Cl", positions=[[0, 0, 0], [0.63, 0.63, 0.63], [-0.63, -0.63, 0.63],
+                                       [-0.63, 0.63, -0.63], [1.0, -1.0, -1.0]])
+    with pytest.raises(ValueError, match=r"molecule 1 \(CH3Cl\): element\(s\) Cl never seen "
+                                         r"by the model \(it knows H, C, N, O, F\)"):
+        predictor([atoms[0], chloro])
+
+
+def test_workdir_without_checkpoints(tmp_path, workdir):
+    with pytest.raises(ValueError, match=rf"cannot load a predictor from {tmp_path}: "
+                                         rf"{tmp_path / 'checkpoints'} holds no checkpoint"):
+        load_predictor(tmp_path)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(workdir, damaged)
+    for f in (damaged / "checkpoints").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=rf"cannot load a predictor from {damaged}: "):
+        load_predictor(damaged)
+    with pytest.raises(ValueError, match="which must be 'best' or 'latest', got 'first'"):
+        load_predictor(workdir, which="first")
+
+
+def test_command_line(workdir, predictor, test_split, tmp_path, capsys):
+    import ase.io
+
+    _, atoms = test_split
+    xyz = tmp_path / "three.xyz"
+    ase.io.write(xyz, atoms[:3])
+    out = tmp_path / "pred.csv"
+    assert main([str(workdir), str(xyz), "--out", str(out), "--batch-size", "2"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["formula"] for r in rows] == [a.get_chemical_formula() for a in atoms[:3]]
+    assert [int(r["index"]) for r in rows] == [0, 1, 2] and {r["unit"] for r in rows} == {"eV"}
+    # xyz stores positions with fewer digits than float32: compare at a meV
+    np.testing.assert_allclose([float(r["U0"]) for r in rows],
+                               predictor(ase.io.read(xyz, index=":")), rtol=0, atol=1e-9)
+    np.testing.assert_allclose([float(r["U0"]) for r in rows], predictor(atoms[:3]),
+                               rtol=0, atol=1e-3)
+    assert main([str(workdir), str(xyz)]) == 0
+    printed = capsys.readouterr().out
+    assert "U0 [eV]" in printed and atoms[2].get_chemical_formula() in printed
+
+    assert main([str(workdir), str(tmp_path / "none.xyz")]) == 2
+    assert f"error: molecules file {tmp_path / 'none.xyz'} does not exist" in \
+        capsys.readouterr().err
+    bad = tmp_path / "bad.xyz"
+    bad.write_text("3\n\nC 0 0 zero\n")
+    assert main([str(workdir), str(bad)]) == 2
+    assert f"error: cannot read molecules from {bad}" in capsys.readouterr().err
+    assert main([str(tmp_path / "nowhere"), str(xyz)]) == 2
+    assert f"cannot load a predictor from {tmp_path / 'nowhere'}" in capsys.readouterr().err
