@@ -18,7 +18,7 @@ import sys
 from mpattn.data.qm9 import TARGETS
 from mpattn.models import model_names
 from mpattn.train.experiment import PRESETS, run_qm9
-from mpattn.train.losses import LOSSES
+from mpattn.train.losses import LOSSES, WEIGHTINGS
 from mpattn.train.schedules import SCHEDULES
 
 
@@ -56,6 +56,13 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--dataset-cache", help="featurized QM9 cache file (no RDKit/qm9pack)")
     ap.add_argument("--model-config", default="{}",
                     help='model config overrides as JSON, e.g. \'{"dim": 128}\'')
+    ap.add_argument("--weighting", choices=WEIGHTINGS, help="size weighting of the loss")
+    ap.add_argument("--weight-r", type=float, help="exponent r of the size weighting")
+    ap.add_argument("--ema-decay", type=float, help="evaluate with EMA weights (e.g. 0.999)")
+    ap.add_argument("--min-atoms", type=int, help="train only on molecules this large or more")
+    ap.add_argument("--max-atoms", type=int, help="train only on molecules this large or less")
+    ap.add_argument("--cap-per-size", type=int,
+                    help="at most this many training molecules per atom count")
     ap.add_argument("--num-devices", type=int,
                     help="data-parallel devices (default: all visible)")
     ap.add_argument("--no-progress", action="store_true")
@@ -73,7 +80,10 @@ def main(argv=None) -> int:
               "time_budget_min": args.time_budget_min, "batch_size": args.batch_size,
               "lr": args.lr, "loss": args.loss, "schedule": args.schedule,
               "edge_set": args.edge_set, "cutoff": args.cutoff, "seed": args.seed,
-              "num_devices": args.num_devices}
+              "num_devices": args.num_devices, "weighting": args.weighting,
+              "weight_r": args.weight_r, "ema_decay": args.ema_decay,
+              "min_atoms": args.min_atoms, "max_atoms": args.max_atoms,
+              "cap_per_size": args.cap_per_size}
     config = dataclasses.replace(preset.train, **{k: v for k, v in fields.items()
                                                   if v is not None})
     sizes = list(preset.sizes)

@@ -34,7 +34,7 @@ from mpattn.featurize import FeaturizeOptions
 from mpattn.graph import graph_mask
 from mpattn.models import create_model, default_config
 from mpattn.train.checkpoint import Checkpointer
-from mpattn.train.losses import graph_weights, loss_value
+from mpattn.train.losses import cap_per_size, graph_weights, loss_value, size_range
 from mpattn.train.metrics import error_report
 from mpattn.train.schedules import current_lr, ema_init, ema_update, make_optimizer
 from mpattn.train.targets import TargetTransform, element_counts
@@ -81,6 +81,9 @@ class TrainConfig:
     cutoff: float | None = None
     keep_checkpoints: int = 3
     num_devices: int | None = None  # data parallelism over this many devices (None: all)
+    min_atoms: int | None = None  # train only on molecules of this size range
+    max_atoms: int | None = None
+    cap_per_size: int | None = None  # at most this many training molecules per atom count
 
 
 @dataclass
@@ -111,6 +114,14 @@ def prepare(ms: MoleculeSet, split: Split, config: TrainConfig) -> Prepared:
     parts = {}
     for name in ("train", "val", "test"):
         sub = ms.subset(ms.index_of(getattr(split, name)))
+        if name == "train":  # sampling options of the size study apply to training only
+            keep = size_range(sub.n_atoms, config.min_atoms, config.max_atoms)
+            sub = sub.subset(keep)
+            if config.cap_per_size:
+                sub = sub.subset(cap_per_size(sub.n_atoms, config.cap_per_size, config.seed))
+            if len(sub) == 0:
+                raise ValueError("no training molecules left after --min-atoms/--max-atoms/"
+                                 "--cap-per-size")
         counts = element_counts(sub.z, sub.n_atoms, ELEMENTS)
         parts[name] = (sub, counts)
     seen = parts["train"][1].sum(axis=0) > 0

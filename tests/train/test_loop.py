@@ -143,3 +143,14 @@ def test_command_line_errors(capsys, tmp_path):
     assert "choose from" in capsys.readouterr().err
     assert main(["--resume", "--workdir", str(tmp_path / "none"), "--preset", "cpu"]) == 2
     assert "holds no checkpoints/ folder" in capsys.readouterr().err
+
+
+def test_size_sampling_options_apply_to_training_only(qm9_molset):
+    split = make_split(qm9_molset.ids, sizes=SIZES, seed=1)
+    data = prepare(qm9_molset, split, _config(min_atoms=10, max_atoms=16, cap_per_size=20))
+    n = data.train.n_atoms
+    assert n.min() >= 10 and n.max() <= 16
+    assert np.bincount(n).max() <= 20
+    assert len(data.test.graphs) == SIZES[2] and len(data.val.graphs) == SIZES[1]
+    with pytest.raises(ValueError, match="no training molecules left"):
+        prepare(qm9_molset, split, _config(min_atoms=40))
