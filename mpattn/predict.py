@@ -1,19 +1,14 @@
 """Predictions of a trained run for users: ``ase.Atoms`` in, values in the target's unit out.
 
->>> from mpattn.predict import load_predictor       # also ``mpattn.load_predictor``
->>> predict = load_predictor("runs/qm9_u0")          # the run's best checkpoint
+>>> predict = mpattn.load_predictor("runs/qm9_u0")   # the run's best checkpoint
 >>> predict([atoms_a, atoms_b])                       # float64 [2], e.g. U0 in eV
->>> predict.target, predict.unit
-('U0', 'eV')
 
-Command line, for (multi-frame) xyz/extxyz files::
+Command line: ``python -m mpattn.predict WORKDIR molecules.xyz [--out predictions.csv]
+[--which best|latest] [--batch-size N]`` (every frame of an xyz/extxyz file).
 
-    python -m mpattn.predict WORKDIR molecules.xyz [--out predictions.csv] [--which latest]
-
-The model, its config, the run's :class:`~mpattn.train.loop.TrainConfig` and the target
-transform (per-element reference + standardisation) come from the checkpoint's metadata;
-predictions are decoded in float64 with each molecule's element counts, so they are the full
-target (e.g. the total energy U0), not the residual the model learned.
+Model, configs and target transform come from the checkpoint's metadata; predictions are
+decoded in float64 with each molecule's element counts: the full target (e.g. U0 including
+the per-element reference), not the residual the model learned.
 
 **Bonds come from the geometry.** QM9 training graphs were perceived with the dataset's SMILES
 as a bond-order template; a predictor only has coordinates, so RDKit perceives bonds from the
@@ -117,19 +112,18 @@ class Predictor:
         from mpattn.featurize import from_atoms
 
         known = set(self.elements)
-        graphs = []
-        for i, atoms in enumerate(atoms_list):
+        for i, atoms in enumerate(atoms_list):  # all checked before the slow perception
             if not isinstance(atoms, Atoms):
                 raise TypeError(f"molecule {i}: expected ase.Atoms, got {type(atoms).__name__}")
-            formula = atoms.get_chemical_formula()
             unseen = sorted(set(atoms.numbers.tolist()) - known)
             if unseen:
                 raise ValueError(
-                    f"molecule {i} ({formula}): element(s) "
+                    f"molecule {i} ({atoms.get_chemical_formula()}): element(s) "
                     f"{', '.join(chemical_symbols[z] for z in unseen)} never seen by the model "
                     f"(it knows {', '.join(chemical_symbols[z] for z in self.elements)})")
-            graphs.append(from_atoms(atoms, options=self.options,
-                                     name=f"molecule {i} ({formula})"))
+        graphs = [from_atoms(a, options=self.options,
+                             name=f"molecule {i} ({a.get_chemical_formula()})")
+                  for i, a in enumerate(atoms_list)]
         cat = np.concatenate
         edge_fields = {}
         for g in graphs:
@@ -206,11 +200,15 @@ def load_predictor(workdir: str | Path, *, which: str = "best") -> Predictor:
     workdir = Path(workdir)
     try:
         ckpt = Checkpointer(workdir / "checkpoints")
-        steps = ckpt.steps()
+        try:
+            steps = ckpt.steps()
+            best = ckpt.best_step() if steps and which == "best" else None
+        except (ValueError, OSError) as err:  # e.g. a garbled orbax metadata/metrics file
+            raise ValueError(f"{ckpt.directory} is damaged: cannot list its checkpoints "
+                             f"({type(err).__name__}: {err})") from err
         if not steps:
             raise ValueError(f"{ckpt.directory} holds no checkpoint (is this a training "
                              "run's workdir?)")
-        best = ckpt.best_step() if which == "best" else None
         meta = _read_meta(ckpt.directory, [best] if best is not None else steps[::-1])
         config = TrainConfig(**meta["config"])
         model_config = default_config(config.model, **{
@@ -238,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="which checkpoint (default: best by validation MAE)")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
+
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices
 
     def fail(message: str) -> int:
         print(f"error: {message}", file=sys.stderr)

@@ -120,10 +120,17 @@ def test_workdir_without_checkpoints(tmp_path, workdir):
         load_predictor(tmp_path)
     damaged = tmp_path / "damaged"
     shutil.copytree(workdir, damaged)
-    for f in (damaged / "checkpoints").rglob("*"):
+    for f in (damaged / "checkpoints").rglob("state/*"):  # the arrays, metadata intact
         if f.is_file():
             f.write_bytes(b"garbage")
-    with pytest.raises(ValueError, match=rf"cannot load a predictor from {damaged}: "):
+    with pytest.raises(ValueError, match=rf"cannot load a predictor from {damaged}: .*"
+                                         "damaged checkpoint, nothing restored"):
+        load_predictor(damaged, which="latest")
+    for f in (damaged / "checkpoints").rglob("*"):  # everything, orbax's own files included
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=rf"cannot load a predictor from {damaged}: "
+                                         rf"{damaged / 'checkpoints'} is damaged"):
         load_predictor(damaged)
     with pytest.raises(ValueError, match="which must be 'best' or 'latest', got 'first'"):
         load_predictor(workdir, which="first")

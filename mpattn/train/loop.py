@@ -125,7 +125,7 @@ def prepare(ms: MoleculeSet, split: Split, config: TrainConfig) -> Prepared:
         counts = element_counts(sub.z, sub.n_atoms, ELEMENTS)
         parts[name] = (sub, counts)
     seen = parts["train"][1].sum(axis=0) > 0
-    for name in ("val", "test"):
+    for name in ("val", "test") if config.reference else ():
         unseen = (parts[name][1].sum(axis=0) > 0) & ~seen
         if unseen.any():
             from ase.data import chemical_symbols

@@ -154,3 +154,23 @@ def test_size_sampling_options_apply_to_training_only(qm9_molset):
     assert len(data.test.graphs) == SIZES[2] and len(data.val.graphs) == SIZES[1]
     with pytest.raises(ValueError, match="no training molecules left"):
         prepare(qm9_molset, split, _config(min_atoms=40))
+
+
+@pytest.mark.slow
+def test_thesis_comparison_writes_table_and_figure(cache_file, tmp_path):
+    from experiments.thesis_comparison import main
+
+    out = tmp_path / "cmp"
+    assert main(["--workdir", str(out), "--epochs", "1", "--train-size", "300",
+                 "--val-size", "60", "--test-size", "100", "--dataset-cache", str(cache_file),
+                 "--models", "MH-MP", "MH-MP+PE", "--no-progress", "--seed", "1",
+                 "--model-config", '{"dim": 16, "head_dim": 8, "readout_head_dim": 8, '
+                 '"edge_hidden": 16, "steps": 1}']) == 0
+    rows = json.loads((out / "comparison.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["mhmp", "mhmp_pe"]
+    assert all(np.isfinite(r["test_mae_mev"]) for r in rows)
+    split_a = json.loads((out / "mhmp" / "split.json").read_text())
+    split_b = json.loads((out / "mhmp_pe" / "split.json").read_text())
+    assert split_a["test"] == split_b["test"]  # the same split for every model
+    assert (out / "comparison.png").stat().st_size > 1000
+    assert "| MH-MP+PE |" in (out / "comparison.md").read_text()
