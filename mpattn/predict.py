@@ -37,7 +37,7 @@ __all__ = ["Predictor", "load_predictor", "main"]
 def _level(x: int) -> int:
     """The smallest ``64 * 2**k >= x`` (at least 64): few distinct budgets, 2x headroom."""
     units = max(1, -(-int(x) // 64))
-    return 64 * units
+    return 64 * (1 << (units - 1).bit_length())
 
 
 def _tuples(x):

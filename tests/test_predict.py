@@ -165,3 +165,15 @@ def test_command_line(workdir, predictor, test_split, tmp_path, capsys):
     assert f"error: cannot read molecules from {bad}" in capsys.readouterr().err
     assert main([str(tmp_path / "nowhere"), str(xyz)]) == 2
     assert f"cannot load a predictor from {tmp_path / 'nowhere'}" in capsys.readouterr().err
+
+
+def test_load_predictor_is_lazy_on_the_package():
+    import subprocess
+    import sys
+
+    code = ("import sys, mpattn; assert 'jax' not in sys.modules, 'jax imported eagerly'; "
+            "from mpattn.predict import load_predictor; "
+            "assert mpattn.load_predictor is load_predictor; print('LAZY')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "LAZY" in out.stdout, out.stderr[-2000:]
