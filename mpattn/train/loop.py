@@ -270,7 +270,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
 
-
     def _predict(self, params, rest, graph):
         return nnx.merge(self.graphdef, params, rest)(graph)
 
