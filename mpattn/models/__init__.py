@@ -6,7 +6,8 @@
 
 Names: ``mhmp`` (the thesis' MultiHead-Message Passing), ``mhmp_pe`` (the same with a
 positional encoding of the atom index: not permutation invariant), ``mpnn`` (Gilmer et al.
-2017), ``schnet`` (Schütt et al. 2017). Every model maps a padded ``jraph.GraphsTuple`` to
+2017), ``schnet`` (Schütt et al. 2017), ``attention_potential`` (an invariant attention potential
+over a radius graph with a smooth cutoff, :mod:`mpattn.models.potential`). Every model maps a padded ``jraph.GraphsTuple`` to
 predictions [num_graphs]; with a sum readout, ``model(graph, per_atom=True)`` also returns
 per-atom contributions [num_nodes].
 """
@@ -19,9 +20,12 @@ from flax import nnx
 
 from mpattn.models.mhmp import MHMP, MHMPConfig
 from mpattn.models.mpnn import MPNN, MPNNConfig
+from mpattn.models.potential import AttentionPotential, AttentionPotentialConfig
 from mpattn.models.schnet import SchNet, SchNetConfig
 
 __all__ = [
+    "AttentionPotential",
+    "AttentionPotentialConfig",
     "MHMP",
     "MODELS",
     "MPNN",
@@ -40,6 +44,7 @@ MODELS: dict[str, tuple[type, object]] = {
     "mhmp_pe": (MHMP, MHMPConfig(positional_encoding=True)),
     "mpnn": (MPNN, MPNNConfig()),
     "schnet": (SchNet, SchNetConfig()),
+    "attention_potential": (AttentionPotential, AttentionPotentialConfig()),
 }
 
 

@@ -38,7 +38,7 @@ def _jitted(model):
 
 
 def test_registry_names_and_errors():
-    assert model_names() == ["mhmp", "mhmp_pe", "mpnn", "schnet"]
+    assert model_names() == ["mhmp", "mhmp_pe", "mpnn", "schnet", "attention_potential"]
     with pytest.raises(ValueError, match=r"unknown model 'gat'; choose from \['mhmp', 'mhmp_pe'"):
         default_config("gat")
     with pytest.raises(ValueError, match=r"mpnn: unknown config field\(s\) \['heads'\]"):
