@@ -188,7 +188,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--frames", type=int, default=2000)
     ap.add_argument("--temperature", type=float, default=500.0, help="K")
     ap.add_argument("--interval", type=int, default=50,
-                    help="MD steps between frames (50 x 0.5 fs: frames 25 fs apart, less correlated)")
+                    help="MD steps between frames (50 x 0.5 fs: 25 fs apart)")
     ap.add_argument("--timestep", type=float, default=0.5, help="fs")
     ap.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
     ap.add_argument("--equilibration", type=int, default=500, help="MD steps before frame 1")

@@ -6,10 +6,10 @@
 
 Names: ``mhmp`` (the thesis' MultiHead-Message Passing), ``mhmp_pe`` (the same with a
 positional encoding of the atom index: not permutation invariant), ``mpnn`` (Gilmer et al.
-2017), ``schnet`` (Schütt et al. 2017), ``attention_potential`` (an invariant attention potential
-over a radius graph with a smooth cutoff, :mod:`mpattn.models.potential`). Every model maps a padded ``jraph.GraphsTuple`` to
-predictions [num_graphs]; with a sum readout, ``model(graph, per_atom=True)`` also returns
-per-atom contributions [num_nodes].
+2017), ``schnet`` (Schütt et al. 2017), ``attention_potential`` (an invariant attention
+potential over a radius graph with a smooth cutoff, :mod:`mpattn.models.potential`). Every
+model maps a padded ``jraph.GraphsTuple`` to predictions [num_graphs]; with a sum readout,
+``model(graph, per_atom=True)`` also returns per-atom contributions [num_nodes].
 """
 
 from __future__ import annotations
