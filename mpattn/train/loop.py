@@ -210,6 +210,10 @@ def make_train_step(graphdef, optimizer, config: TrainConfig):
         return loss * weight, weight
 
     def loss_fn(params, rest, graphs):
+        if graphs.n_node.shape[0] == 1:  # one batch: no vmap (a vmapped step of one batch
+            # runs its scatters batched, 40% slower on a CPU)
+            total, weight = batch_loss(params, rest, jax.tree.map(lambda x: x[0], graphs))
+            return total / jnp.maximum(weight, 1e-12)
         totals, weights = jax.vmap(batch_loss, in_axes=(None, None, 0))(params, rest, graphs)
         return jnp.sum(totals) / jnp.maximum(jnp.sum(weights), 1e-12)
 
