@@ -2,17 +2,21 @@
 
     python -m benchmarks.models                      # every model, default configs, CPU
     python -m benchmarks.models --models mpnn --batch-size 64 --edge-set bonds
+    python -m benchmarks.models --models mhmp --batch-size 16 \
+        --model-config '{"dim": 48, "head_dim": 16, "edge_hidden": 32, "ff_dim": 96}'
 
 Each model runs its default configuration on real QM9 batches (complete edge set by
 default) padded to the loader's static budgets. The train step is a jit-compiled
 MSE + Adam step (``jax.value_and_grad`` + optax) with donated buffers; times are the median
 over batches after compilation (compile time reported separately). Writes
-``benchmarks/results/models-<device>-<date>.json``.
+``benchmarks/results/models-<device>-<date>.json`` (with ``--model-config``:
+``models-<model>-custom-bs<batch>-<device>-<date>.json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
@@ -30,7 +34,7 @@ def _qm9_graphs(n: int, edge_set: str, seed: int = 0):
     return ms.subset(pick).to_graphset(FeaturizeOptions(edge_set=edge_set), targets=["U0"])
 
 
-def measure(name: str, gs, batch_size: int, batches: int) -> dict:
+def measure(name: str, gs, batch_size: int, batches: int, overrides: dict | None = None) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
@@ -40,7 +44,7 @@ def measure(name: str, gs, batch_size: int, batches: int) -> dict:
     from mpattn.graph import graph_mask
     from mpattn.models import create_model
 
-    model = create_model(name, rngs=nnx.Rngs(0))
+    model = create_model(name, rngs=nnx.Rngs(0), **(overrides or {}))
     params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     loader = BatchLoader(gs, batch_size, prefetch=0, seed=0)
     data, mols = [], []
@@ -122,20 +126,25 @@ def main(argv=None) -> int:
     ap.add_argument("--molecules", type=int, default=3000,
                     help="QM9 molecules drawn at random (seeded) from the whole set")
     ap.add_argument("--edge-set", default="complete", choices=["complete", "bonds"])
+    ap.add_argument("--model-config", default="{}",
+                    help='config overrides (JSON) for every model measured, e.g. \'{"dim": 48}\'')
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
+    overrides = json.loads(args.model_config)
     gs = _qm9_graphs(args.molecules, args.edge_set)
     rows = []
     for name in args.models:
-        r = measure(name, gs, args.batch_size, args.batches)
+        r = measure(name, gs, args.batch_size, args.batches, overrides)
         rows.append(r)
         print(f"{name:8s} params {r['params']:>9,d}  forward {r['forward_ms_per_1000_mol']:8.1f} "
               f"ms/1000 mol  train step {r['train_step_ms_per_1000_mol']:8.1f} ms/1000 mol "
               f"({r['train_mol_per_s']:7.1f} mol/s)  compile {r['compile_s_train']:.1f} s",
               flush=True)
     if not args.no_save:
-        path = write_result("models", {"batch_size": args.batch_size,
-                                       "edge_set": args.edge_set, "rows": rows})
+        name = "models" if not overrides else f"models-{args.models[0]}-custom-bs{args.batch_size}"
+        path = write_result(name, {"batch_size": args.batch_size,
+                                       "edge_set": args.edge_set, "model_config": overrides,
+                                       "rows": rows})
         print(f"wrote {path}")
     return 0
 

@@ -49,10 +49,10 @@ def _trained(molset, workdir, epochs: int = 2) -> Trainer:
     return trainer
 
 
-def _run(cache_file, workdir, epochs=3, resume=False):
+def _run(cache_file, workdir, epochs=3, resume=False, **kw):
     from mpattn.train.experiment import run_qm9
 
-    return run_qm9(_config(epochs=epochs), workdir=workdir, sizes=SIZES, resume=resume,
+    return run_qm9(_config(epochs=epochs, **kw), workdir=workdir, sizes=SIZES, resume=resume,
                    dataset_cache=cache_file, model_overrides=TINY, progress=False,
                    log=lambda *_: None)
 
@@ -86,7 +86,8 @@ def test_no_recompilation_across_batches_of_one_budget(qm9_molset, tmp_path):
 
 def test_resume_after_sigkill_gives_the_same_final_metrics(cache_file, tmp_path):
     epochs = 6
-    reference = _run(cache_file, tmp_path / "straight", epochs=epochs)
+    # the command line's --preset cpu evaluates with EMA weights (decay 0.999): so does this
+    reference = _run(cache_file, tmp_path / "straight", epochs=epochs, ema_decay=0.999)
     work = tmp_path / "killed"
     cmd = [sys.executable, "-m", "experiments.qm9_u0", "--model", "schnet",
            "--dataset-cache", str(cache_file), "--workdir", str(work), "--epochs", str(epochs),
@@ -105,7 +106,7 @@ def test_resume_after_sigkill_gives_the_same_final_metrics(cache_file, tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (work / "results.json").exists(), "the run finished before it was killed"
-    resumed = _run(cache_file, work, epochs=epochs, resume=True)
+    resumed = _run(cache_file, work, epochs=epochs, resume=True, ema_decay=0.999)
     assert resumed["epochs"] == epochs
     np.testing.assert_allclose(resumed["test"]["mae_mev"], reference["test"]["mae_mev"],
                                rtol=1e-6)
