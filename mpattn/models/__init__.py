@@ -36,6 +36,7 @@ __all__ = [
     "create_model",
     "default_config",
     "model_names",
+    "register_model",
 ]
 
 #: name -> (model class, default config)
@@ -46,6 +47,23 @@ MODELS: dict[str, tuple[type, object]] = {
     "schnet": (SchNet, SchNetConfig()),
     "attention_potential": (AttentionPotential, AttentionPotentialConfig()),
 }
+_BUILTIN = frozenset(MODELS)
+
+
+def register_model(name: str, cls: type, config) -> None:
+    """Make a model of your own available by name to the trainers, ``load_potential`` and the
+    experiments' ``--model``: ``cls(config, rngs=...)`` must build it and ``config`` is its
+    default config (a dataclass). Register it again before loading a trained workdir.
+
+    Raises:
+        ValueError: ``name`` is taken by a built-in model, or ``config`` is not a dataclass.
+    """
+    if name in _BUILTIN:
+        raise ValueError(f"{name!r} is a built-in model; choose another name")
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise ValueError(f"register_model({name!r}): config must be a dataclass instance, "
+                         f"got {config!r}")
+    MODELS[name] = (cls, config)
 
 
 def model_names() -> list[str]:

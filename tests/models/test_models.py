@@ -155,3 +155,32 @@ def test_mhmp_with_distance_aware_attention_is_invariant(batch):
     out = f(batch)
     plain = _jitted(create_model("mhmp", rngs=nnx.Rngs(4)))(batch)
     assert not np.allclose(out[:12], plain[:12])  # the bias does change the model
+
+
+def test_register_model_adds_a_named_model_and_guards_builtins():
+    from dataclasses import dataclass
+
+    from mpattn.models import MODELS, register_model
+
+    @dataclass(frozen=True)
+    class TinyConfig:
+        dim: int = 8
+
+    class Tiny(nnx.Module):
+        def __init__(self, config, *, rngs):
+            self.config = config
+            self.lin = nnx.Linear(1, config.dim, rngs=rngs)
+
+    try:
+        register_model("tiny_test", Tiny, TinyConfig())
+        assert "tiny_test" in model_names()
+        model = create_model("tiny_test", rngs=nnx.Rngs(0), dim=4)
+        assert isinstance(model, Tiny) and model.config.dim == 4
+        with pytest.raises(ValueError, match=r"tiny_test: unknown config field\(s\) \['heads'\]"):
+            default_config("tiny_test", heads=2)
+    finally:
+        MODELS.pop("tiny_test", None)
+    with pytest.raises(ValueError, match="'schnet' is a built-in model; choose another name"):
+        register_model("schnet", Tiny, TinyConfig())
+    with pytest.raises(ValueError, match="config must be a dataclass instance"):
+        register_model("tiny_test", Tiny, TinyConfig)
