@@ -1,0 +1,207 @@
+"""Radius neighbour graphs of single structures, padded to budgets that grow with headroom.
+
+MD and relaxations evaluate a potential on one structure per step. Their graph changes size
+from step to step (atoms move in and out of each other's cutoff), but a jit-compiled function
+compiles once per *shape*. :class:`BudgetPolicy` pads every step to one static
+:class:`~mpattn.graph.Budget` with headroom (nodes ``n + 1`` rounded up to a multiple of 8,
+edges ``1.25 E`` rounded up to a multiple of 32, 2 graphs); only when a step overflows it is
+the budget grown (by 1.5, or more if needed), which costs exactly one recompilation. Growths
+are counted and each is logged once (Python ``logging``, logger ``"mpattn"``, level INFO).
+
+:func:`neighbor_graph` builds the graph with :func:`mpattn.featurize.radius_edges` (vesin's
+neighbour list; periodic cells with image shifts, several images when the cell is smaller than
+twice the cutoff) in exactly the layout of :meth:`mpattn.data.frames.FrameSet.to_graphset`
+padded by :func:`mpattn.graph.pad_batch`, so a potential sees in MD what it saw in training:
+``nodes`` ``z`` int32[N], ``positions`` [N, 3], ``features`` float32[N, 0]; ``edges``
+``bond`` int32[E] (all 4, not bonded) and ``shift`` [E, 3] Å (the edge vector is
+``positions[s] - positions[r] + shift``; zeros for molecules); ``globals`` empty.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import jraph
+import numpy as np
+
+from mpattn.graph import Budget, round_up
+
+__all__ = ["BudgetPolicy", "neighbor_graph", "pad_structure", "structure_arrays"]
+
+logger = logging.getLogger("mpattn")
+
+
+@dataclass
+class BudgetPolicy:
+    """Padding budgets with headroom for a stream of single structures (MD, relaxations).
+
+    Stateful: holds the current :attr:`budget` and the number of :attr:`growths`. One policy
+    per compiled function (a calculator owns one).
+
+    Attributes:
+        node_multiple: the node budget is ``n + 1`` (one jraph padding node) rounded up to
+            a multiple of this.
+        edge_factor: headroom on edges: the edge budget is ``edge_factor * E`` ...
+        edge_multiple: ... rounded up to a multiple of this (at least one multiple).
+        growth: factor by which an overflowing dimension grows (at least to what the
+            overflowing structure needs with headroom).
+        n_graph: graphs per batch (one structure plus jraph's padding graph).
+        budget: the current budget (``None`` before the first structure).
+        growths: how many times the budget grew (each growth recompiles once).
+    """
+
+    node_multiple: int = 8
+    edge_factor: float = 1.25
+    edge_multiple: int = 32
+    growth: float = 1.5
+    n_graph: int = 2
+    budget: Budget | None = None
+    growths: int = field(default=0)
+
+    def __post_init__(self) -> None:
+        if self.node_multiple < 1 or self.edge_multiple < 1 or self.edge_factor < 1 \
+                or self.growth <= 1 or self.n_graph < 2:
+            raise ValueError(f"invalid BudgetPolicy: need node_multiple, edge_multiple >= 1, "
+                             f"edge_factor >= 1, growth > 1 and n_graph >= 2; got {self}")
+
+    def initial(self, n_node: int, n_edge: int) -> Budget:
+        """The budget with headroom for one structure of ``n_node`` atoms and ``n_edge`` edges."""
+        nodes = round_up(n_node + 1, self.node_multiple)
+        edges = max(round_up(math.ceil(self.edge_factor * n_edge), self.edge_multiple),
+                    self.edge_multiple)
+        return Budget(nodes, edges, self.n_graph)
+
+    def fit(self, n_node: int, n_edge: int) -> Budget:
+        """The budget for a structure: the current one if it fits, else a new or grown one.
+
+        A grown dimension becomes ``max(growth * old, what the structure needs with
+        headroom)``; a dimension that still fits keeps its size. Each growth increments
+        :attr:`growths` and logs one INFO line on the ``"mpattn"`` logger.
+        """
+        need = self.initial(n_node, n_edge)
+        old = self.budget
+        if old is None:
+            self.budget = need
+            return need
+        if old.fits(n_node, n_edge, 1):
+            return old
+        nodes, edges = old.n_node, old.n_edge
+        if n_node >= old.n_node:
+            nodes = max(round_up(math.ceil(self.growth * old.n_node), self.node_multiple),
+                        need.n_node)
+        if n_edge > old.n_edge:
+            edges = max(round_up(math.ceil(self.growth * old.n_edge), self.edge_multiple),
+                        need.n_edge)
+        self.budget = Budget(nodes, edges, self.n_graph)
+        self.growths += 1
+        logger.info("neighbour-list budget grown from (%d nodes, %d edges) to (%d nodes, "
+                    "%d edges) for a structure of %d atoms and %d edges (growth %d; the "
+                    "energy function recompiles once)", old.n_node, old.n_edge, nodes, edges,
+                    n_node, n_edge, self.growths)
+        return self.budget
+
+
+def structure_arrays(system):
+    """``(z int32[n], positions float64[n, 3], cell float64[3, 3] | None, pbc | None)``.
+
+    Args:
+        system: an ``ase.Atoms`` or a tuple ``(z, positions)`` or
+            ``(z, positions, cell, pbc)``. Cell and pbc are ``None`` unless some direction
+            is periodic (a molecule in a box is a molecule).
+    """
+    if hasattr(system, "get_atomic_numbers"):
+        z, pos = system.get_atomic_numbers(), system.get_positions()
+        cell, pbc = np.asarray(system.get_cell()), system.get_pbc()
+    else:
+        if len(system) not in (2, 4):
+            raise ValueError(f"expected ase.Atoms, (z, positions) or (z, positions, cell, pbc),"
+                             f" got a sequence of {len(system)}")
+        z, pos = system[0], system[1]
+        cell, pbc = (system[2], system[3]) if len(system) == 4 else (None, None)
+    z = np.asarray(z, np.int32).reshape(-1)
+    pos = np.asarray(pos, np.float64)
+    if pos.shape != (len(z), 3):
+        raise ValueError(f"{len(z)} atomic numbers for positions of shape {pos.shape}")
+    if pbc is None or not np.any(pbc):
+        return z, pos, None, None
+    return z, pos, np.asarray(cell, np.float64).reshape(3, 3), np.broadcast_to(
+        np.asarray(pbc, bool), (3,))
+
+
+def pad_structure(z, positions, senders, receivers, shift, budget: Budget, *,
+                  dtype=np.float32) -> jraph.GraphsTuple:
+    """One structure padded to ``budget`` as :func:`mpattn.graph.pad_batch` pads a batch.
+
+    Padded rows are zero (``z = 0``, ``bond = 0``), padding edges point at the first
+    padding node, the padding graph holds them all; positions and shifts are cast to
+    ``dtype``.
+    """
+    n, e = len(z), len(senders)
+    if not budget.fits(n, e, 1):
+        raise ValueError(f"a structure of {n} atoms and {e} edges does not fit {budget}")
+    nb, eb = budget.n_node, budget.n_edge
+    zz = np.zeros(nb, np.int32)
+    zz[:n] = z
+    pos = np.zeros((nb, 3), dtype)
+    pos[:n] = positions
+    sh = np.zeros((eb, 3), dtype)
+    sh[:e] = shift
+    snd = np.full(eb, n, np.int32)
+    rcv = np.full(eb, n, np.int32)
+    snd[:e] = senders
+    rcv[:e] = receivers
+    n_node = np.zeros(budget.n_graph, np.int32)
+    n_edge = np.zeros(budget.n_graph, np.int32)
+    n_node[:2] = n, nb - n
+    n_edge[:2] = e, eb - e
+    bond = np.zeros(eb, np.int32)
+    bond[:e] = 4  # not bonded; padded rows are zero, as pad_batch leaves them
+    return jraph.GraphsTuple(
+        nodes={"z": zz, "positions": pos, "features": np.zeros((nb, 0), np.float32)},
+        edges={"bond": bond, "shift": sh},
+        senders=snd, receivers=rcv, n_node=n_node, n_edge=n_edge, globals={})
+
+
+def _edges(z, pos, cell, pbc, cutoff: float):
+    """Radius edges with float64 shifts (integer images recovered from radius_edges)."""
+    from mpattn.featurize import radius_edges
+
+    s, r, shift = radius_edges(pos, cutoff, cell, pbc)
+    if cell is None:
+        return s, r, np.zeros((len(s), 3), np.float64)
+    # radius_edges rounds shifts to float32; the images are integers: S = shift @ cell^-1
+    images = np.rint(shift.astype(np.float64) @ np.linalg.inv(cell))
+    return s, r, images @ cell
+
+
+def neighbor_graph(system, cutoff: float, budget: Budget | None = None, *,
+                   policy: BudgetPolicy | None = None, dtype=np.float32
+                   ) -> tuple[jraph.GraphsTuple, Budget]:
+    """The padded radius graph of one structure, and the budget it was padded to.
+
+    Args:
+        system: ``ase.Atoms``, ``(z, positions)`` or ``(z, positions, cell, pbc)``.
+        cutoff: radius in Å; edges join every ordered pair (and periodic image) closer than
+            it.
+        budget: pad to this budget if the structure fits; if it does not (or is ``None``)
+            the budget comes from ``policy``.
+        policy: a :class:`BudgetPolicy` (stateful: it keeps and grows its budget); default a
+            fresh one, i.e. the budget with headroom for this structure.
+        dtype: of positions and shifts (float32, or float64 with ``jax_enable_x64``).
+
+    Returns:
+        ``(graph, budget)``: a ``jraph.GraphsTuple`` of numpy arrays with one real graph and
+        the padding graph(s) (layout: the module docstring) and the :class:`Budget` used.
+
+    Raises:
+        ValueError: for a mixed-periodicity cell, or inconsistent arrays.
+    """
+    if not cutoff > 0:
+        raise ValueError(f"cutoff must be positive, got {cutoff}")
+    z, pos, cell, pbc = structure_arrays(system)
+    s, r, shift = _edges(z, pos, cell, pbc, cutoff)
+    if budget is None or not budget.fits(len(z), len(s), 1):
+        budget = (policy or BudgetPolicy()).fit(len(z), len(s))
+    return pad_structure(z, pos, s, r, shift, budget, dtype=dtype), budget

@@ -1,0 +1,139 @@
+"""Training potentials on the bundled GFN2-xTB ethanol set: learning, load_potential round
+trip, compile count, divergence handling and the experiment's command line."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from mpattn.data.frames import ethanol_xtb_path, read_frames, split_frames
+from mpattn.models import default_config
+from mpattn.models.potential import energy_and_forces
+from mpattn.train.loop import TrainingDiverged
+from mpattn.train.potential import (
+    PotentialConfig,
+    PotentialTrainer,
+    load_potential,
+    prepare_frames,
+)
+
+TINY = {"dim": 32, "num_heads": 2, "head_dim": 8, "steps": 1, "ff_dim": 32, "num_rbf": 16}
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return read_frames(ethanol_xtb_path()).subset(np.arange(400))
+
+
+def _trainer(frames, workdir, sizes=(200, 40, 60), **kw) -> PotentialTrainer:
+    config = PotentialConfig(**({"epochs": 6, "batch_size": 8, "lr": 3e-3} | kw))
+    split = split_frames(len(frames), sizes[0], sizes[1], 0, n_test=sizes[2])
+    return PotentialTrainer(config, prepare_frames(frames, split, config), workdir,
+                            model_config=default_config("attention_potential", **TINY),
+                            log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def trained(frames, tmp_path_factory) -> PotentialTrainer:
+    trainer = _trainer(frames, tmp_path_factory.mktemp("potential"))
+    trainer.fit(progress=False)
+    return trainer
+
+
+def test_training_lowers_the_validation_force_mae(trained):
+    rows = list(csv.DictReader((trained.workdir / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 7))
+    assert {"train_loss", "val_energy_mae_mev", "val_force_mae_mev_ang", "lr", "seconds",
+            "frames_per_s"} <= set(rows[0])
+    force = [float(r["val_force_mae_mev_ang"]) for r in rows]
+    assert force[-1] < 0.7 * force[0], force
+
+
+def test_load_potential_reproduces_the_trainers_predictions(trained):
+    potential = load_potential(trained.workdir, which="latest")
+    assert potential.elements == (1, 6, 8)
+    assert potential.model.config.cutoff == 5.0
+    part = trained.data.test
+    energy, forces = trained.predict(part)
+    loaded_e, loaded_f = np.zeros_like(energy), np.zeros_like(forces)
+    offsets = np.concatenate([[0], np.cumsum(part.n_atoms)])
+    for b in trained._eval_loader(part):
+        e, f = jax.jit(energy_and_forces)(potential, b)
+        start = np.concatenate([[0], np.cumsum(b.n_node)])
+        for k, i in enumerate(b.globals["id"]):
+            if i >= 0:
+                p = int(np.nonzero(part.graphs.ids == i)[0][0])
+                loaded_e[p] = e[k]
+                loaded_f[offsets[p]:offsets[p + 1]] = f[start[k]:start[k + 1]]
+    np.testing.assert_allclose(loaded_f, forces, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(loaded_e, energy, rtol=0, atol=2e-4)  # float32 at -309 eV
+    # absolute energies (the reference is installed), as accurate as the trained model
+    mae = trained.report(part)["energy_mae_mev"] / 1000
+    assert mae < 1.0
+    np.testing.assert_allclose(loaded_e, part.energy, rtol=0, atol=10 * mae)
+
+
+def test_load_potential_errors_name_the_path(tmp_path):
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'nope'}: no such workdir"):
+        load_potential(tmp_path / "nope")
+    with pytest.raises(ValueError, match=r"checkpoints: missing checkpoints"):
+        load_potential(tmp_path)
+    with pytest.raises(ValueError, match="which must be"):
+        load_potential(tmp_path, which="first")
+
+
+def test_train_step_compiles_once_per_batch_shape(trained):
+    shapes = {(b.nodes["z"].shape[0], b.senders.shape[0]) for e in range(trained.epoch)
+              for b in trained.loader.epoch(e)}
+    assert trained.train_step._cache_size() == len(shapes) <= len(trained.loader.budgets)
+
+
+def test_cutoff_must_match_the_model(frames, tmp_path):
+    config = PotentialConfig(cutoff=4.0)
+    prepared = prepare_frames(frames, split_frames(len(frames), 20, 5, 0, n_test=5), config)
+    with pytest.raises(ValueError, match=r"cutoff 4.0 Å of the PotentialConfig differs from "
+                                         r"the model config's 5.0 Å"):
+        PotentialTrainer(config, prepared, tmp_path,
+                         model_config=default_config("attention_potential", **TINY))
+
+
+def test_nan_in_the_data_stops_naming_the_step_and_keeps_the_best(frames, tmp_path):
+    trainer = _trainer(frames, tmp_path, sizes=(64, 16, 8), epochs=1)
+    trainer.fit(progress=False)
+    good, best = trainer.checkpoints.latest_step(), trainer.checkpoints.best_step()
+    assert good == best == trainer.steps_per_epoch
+    trainer.data.train.graphs.globals["energy"][:] = np.nan
+    trainer.config = dataclasses.replace(trainer.config, epochs=2)
+    with pytest.raises(TrainingDiverged, match=rf"loss is nan at step {good + 1} \(epoch 2\)"
+                                               rf".*checkpoint \(step {good}\) is kept"):
+        trainer.fit(progress=False)
+    assert trainer.checkpoints.latest_step() == good == trainer.checkpoints.best_step()
+    params = jax.tree.leaves(nnx.state(load_potential(tmp_path), nnx.Param))
+    assert params and all(np.isfinite(np.asarray(x)).all() for x in params)
+
+
+def test_experiment_command_line(tmp_path, capsys):
+    from experiments.ethanol_potential import main
+
+    work = tmp_path / "run"
+    assert main(["--epochs", "1", "--no-md", "--train", "100", "--val", "20", "--workdir",
+                 str(work), "--no-progress", "--model-config", json.dumps(TINY)]) == 0
+    for name in ("results.json", "metrics.csv", "force_parity.png", "curves.png",
+                 "split.json"):
+        assert (work / name).is_file(), name
+    results = json.loads((work / "results.json").read_text())
+    assert results["split_sizes"] == [100, 20, 1880] and results["epochs"] == 1
+    assert results["md"] == {"skipped": "--no-md"}
+    assert results["test"]["force_mae_mev_ang"] > 0 and results["params"] > 0
+    split = json.loads((work / "split.json").read_text())
+    assert len(split["train"]) == 100 and not set(split["train"]) & set(split["test"])
+    missing = tmp_path / "absent.extxyz"
+    with pytest.raises(SystemExit):
+        main(["--data", str(missing), "--workdir", str(work)])
+    assert f"--data {missing}: no such file" in capsys.readouterr().err
