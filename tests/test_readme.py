@@ -68,3 +68,24 @@ def test_readme_models_example():
     seg = np.repeat(np.arange(len(batch.n_node)), batch.n_node)
     np.testing.assert_allclose(np.bincount(seg, ns["per_atom"], minlength=len(batch.n_node)),
                                ns["energy"], rtol=1e-5, atol=1e-5)
+
+
+def test_readme_compose_your_own_potential(tmp_path, monkeypatch):
+    """The "Compose your own potential" block trains, lowers the force error and runs in ASE."""
+    from mpattn.models import MODELS
+
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    try:
+        exec(compile(_block("register_model"), "README.md", "exec"), ns)  # noqa: S102
+    finally:
+        MODELS.pop("my_potential", None)
+    history = ns["trainer"].history
+    assert len(history) == 3
+    assert history[-1]["val_force_mae_mev_ang"] < 0.8 * history[0]["val_force_mae_mev_ang"]
+    assert np.isfinite(ns["test"]["force_mae_mev_ang"])
+    forces = ns["atoms"].get_forces()
+    assert forces.shape == (9, 3)
+    np.testing.assert_allclose(forces.sum(axis=0), 0.0, atol=1e-4)  # no net force
+    assert -310.5 < ns["atoms"].get_potential_energy() < -308.5  # xTB ethanol scale, eV
+    assert (tmp_path / "runs/my_potential/checkpoints").is_dir()
