@@ -40,28 +40,6 @@ def _level(x: int) -> int:
     return 64 * (1 << (units - 1).bit_length())
 
 
-def _tuples(x):
-    """JSON gives lists where frozen configs hold tuples."""
-    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
-
-
-def _read_meta(directory: Path, steps: list[int]) -> dict:
-    """The JSON metadata of the first readable of ``steps`` (the state is restored later,
-    into a template built from this metadata)."""
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    errors = []
-    with ocp.CheckpointManager(directory, options=options) as mngr:
-        for s in steps:
-            try:
-                return dict(mngr.restore(s, args=ocp.args.Composite(
-                    meta=ocp.args.JsonRestore()))["meta"])
-            except Exception as err:  # noqa: BLE001 - any orbax/json failure: try the next
-                errors.append(f"step {s}: {type(err).__name__}: {str(err)[:200]}")
-    raise ValueError(f"no readable checkpoint metadata in {directory} ({'; '.join(errors)})")
-
-
 class Predictor:
     """A trained model ready to predict; build it with :func:`load_predictor`.
 
@@ -191,7 +169,7 @@ def load_predictor(workdir: str | Path, *, which: str = "best") -> Predictor:
             message names the workdir.
     """
     from mpattn.models import default_config
-    from mpattn.train.checkpoint import Checkpointer
+    from mpattn.train.checkpoint import Checkpointer, json_tuples, read_meta
     from mpattn.train.loop import TrainConfig, build_carry
     from mpattn.train.targets import TargetTransform
 
@@ -209,10 +187,10 @@ def load_predictor(workdir: str | Path, *, which: str = "best") -> Predictor:
         if not steps:
             raise ValueError(f"{ckpt.directory} holds no checkpoint (is this a training "
                              "run's workdir?)")
-        meta = _read_meta(ckpt.directory, [best] if best is not None else steps[::-1])
+        meta = read_meta(ckpt.directory, [best] if best is not None else steps[::-1])
         config = TrainConfig(**meta["config"])
         model_config = default_config(config.model, **{
-            k: _tuples(v) for k, v in meta["model_config"].items()})
+            k: json_tuples(v) for k, v in meta["model_config"].items()})
         _, graphdef, _, template = build_carry(config, model_config, steps_per_epoch=1)
         carry, meta = ckpt.restore(template, which=which)
         transform = TargetTransform.from_dict(meta["transform"])

@@ -25,7 +25,9 @@ means the checkpoint is on disk.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -37,7 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-__all__ = ["Checkpointer"]
+__all__ = ["Checkpointer", "json_tuples", "read_meta"]
 
 _TMP_MARK = ".orbax-checkpoint-tmp"
 
@@ -142,12 +144,13 @@ class Checkpointer:
             policies.BestN(get_metric_fn=_best_key, reverse=True, n=1,
                            keep_checkpoints_without_metrics=False),
         ])
-        options = ocp.CheckpointManagerOptions(
-            best_fn=_best_key, best_mode="min", preservation_policy=policy,
-            enable_async_checkpointing=False, create=write, read_only=not write,
-            cleanup_tmp_directories=write, save_interval_steps=int(write),
-        )
-        self._mngr = ocp.CheckpointManager(self.directory, options=options)
+        with _quiet_readers(not write):
+            options = ocp.CheckpointManagerOptions(
+                best_fn=_best_key, best_mode="min", preservation_policy=policy,
+                enable_async_checkpointing=False, create=write, read_only=not write,
+                cleanup_tmp_directories=write, save_interval_steps=int(write),
+            )
+            self._mngr = ocp.CheckpointManager(self.directory, options=options)
         self._writable = write
         return self._mngr
 
@@ -314,3 +317,38 @@ class Checkpointer:
         except Exception:
             return False
         return True
+
+
+@contextlib.contextmanager
+def _quiet_readers(quiet: bool = True):
+    """Silence orbax's warnings about read-only managers (expected for every reader)."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    if quiet:
+        absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+
+
+def json_tuples(x):
+    """JSON gives lists where frozen configs hold tuples."""
+    return tuple(json_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def read_meta(directory: Path, steps: list[int]) -> dict:
+    """The JSON metadata of the first readable of ``steps`` (the state is restored later,
+    into a template built from this metadata); ValueError naming the folder if none is."""
+    errors = []
+    with _quiet_readers():
+        mngr = ocp.CheckpointManager(
+            directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    with mngr:
+        for s in steps:
+            try:
+                return dict(mngr.restore(s, args=ocp.args.Composite(
+                    meta=ocp.args.JsonRestore()))["meta"])
+            except Exception as err:  # noqa: BLE001 - any orbax/json failure: try the next
+                errors.append(f"step {s}: {type(err).__name__}: {str(err)[:200]}")
+    raise ValueError(f"no readable checkpoint metadata in {directory} ({'; '.join(errors)})")

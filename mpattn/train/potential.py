@@ -57,7 +57,7 @@ from mpattn.models.potential import (
     fit_reference,
     force_metrics,
 )
-from mpattn.train.checkpoint import Checkpointer
+from mpattn.train.checkpoint import Checkpointer, json_tuples, read_meta
 from mpattn.train.loop import TrainingDiverged
 from mpattn.train.schedules import current_lr, ema_init, ema_update, make_optimizer
 
@@ -441,11 +441,6 @@ class PotentialTrainer:
                 self._write_metrics()
 
 
-def _tuples(x):
-    """JSON gives lists where frozen configs hold tuples."""
-    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
-
-
 def load_potential(workdir, which: str = "best") -> Potential:
     """The trained potential of a :class:`PotentialTrainer` run (EMA weights if kept).
 
@@ -463,7 +458,6 @@ def load_potential(workdir, which: str = "best") -> Potential:
         ValueError: ``which`` is invalid, or the workdir is missing, holds no intact
             checkpoint or lacks metadata (the message names the path and what is missing).
     """
-    from mpattn.predict import _read_meta
 
     if which not in ("best", "latest"):
         raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
@@ -481,7 +475,7 @@ def load_potential(workdir, which: str = "best") -> Potential:
     if not steps:
         raise ValueError(f"{ckpt.directory}: missing checkpoints (is {workdir} a potential "
                          "training run's workdir?)")
-    meta = _read_meta(ckpt.directory, [best] if best is not None else steps[::-1])
+    meta = read_meta(ckpt.directory, [best] if best is not None else steps[::-1])
     missing = [k for k in ("model", "config", "model_config", "reference") if k not in meta]
     if missing:
         raise ValueError(f"{ckpt.directory}: checkpoint metadata lacks {', '.join(missing)} "
@@ -489,7 +483,7 @@ def load_potential(workdir, which: str = "best") -> Potential:
     try:
         config = PotentialConfig(**meta["config"])
         model_config = default_config(meta["model"], **{
-            k: _tuples(v) for k, v in meta["model_config"].items()})
+            k: json_tuples(v) for k, v in meta["model_config"].items()})
         reference = Reference.from_dict(meta["reference"])
         potential, _, rest, _, template = build_potential(config, model_config, reference,
                                                           steps_per_epoch=1)
