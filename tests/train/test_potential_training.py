@@ -137,3 +137,25 @@ def test_experiment_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--data", str(missing), "--workdir", str(work)])
     assert f"--data {missing}: no such file" in capsys.readouterr().err
+
+
+def test_restore_latest_continues_exactly(frames, tmp_path):
+    """3 epochs, then a fresh trainer restores the latest checkpoint and trains 3 more: the
+    same metrics as 6 epochs straight (batch order is a function of (seed, epoch))."""
+    straight = _trainer(frames, tmp_path / "straight", sizes=(64, 16, 16), epochs=6)
+    straight.fit(progress=False)
+    first = _trainer(frames, tmp_path / "split", sizes=(64, 16, 16), epochs=6)
+    first.config = dataclasses.replace(first.config, time_budget_min=None)
+    first.epoch = 0
+    for _ in range(3):  # stop after 3 epochs, as a killed run would
+        first.config = dataclasses.replace(first.config, epochs=first.epoch + 1)
+        first.fit(progress=False)
+    second = _trainer(frames, tmp_path / "split", sizes=(64, 16, 16), epochs=6)
+    second.restore("latest")
+    assert second.epoch == 3
+    second.fit(progress=False)
+    a = [r["val_force_mae_mev_ang"] for r in straight.history]
+    b = [r["val_force_mae_mev_ang"] for r in second.history]
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+    np.testing.assert_allclose(second.report("test")["force_mae_mev_ang"],
+                               straight.report("test")["force_mae_mev_ang"], rtol=1e-5)
