@@ -1,0 +1,268 @@
+"""Speed: training and inference throughput, compilations and peak memory per model and batch.
+
+    python -m benchmarks.speed                                  # every model, batch 32 and 128
+    python -m benchmarks.speed --models mpnn --batch-sizes 64 --batches 8 --no-save
+
+Every registered QM9 model runs its default configuration on real QM9 batches (complete edge
+set, a seeded random sample of ``--molecules`` molecules) padded by ``BatchLoader`` to its
+static budgets. For each batch size it reports
+
+- training throughput (jit ``value_and_grad`` + optax Adam step with donated parameters and
+  optimizer state) and inference throughput (jit forward), in molecules/s and atoms/s, counting
+  only real molecules and real atoms (never padding); throughput is the total real molecules
+  (atoms) of the timed batches over their total wall time, after compilation;
+- compile seconds (wall time of the first call on each distinct padding budget) and the number
+  of XLA compilations of each function observed through ``jax.monitoring`` (it must equal the
+  number of distinct padding budgets seen: ``ok`` in the table);
+- peak memory: the device's ``peak_bytes_in_use`` on GPU, the process's peak resident set
+  (``ru_maxrss``) on CPU. Both are process-wide high-water marks, so a row includes every row
+  measured before it.
+
+Writes ``benchmarks/results/speed-<device>-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+
+import numpy as np
+
+from benchmarks.common import write_result
+
+__all__ = ["CompileCounter", "HEADER", "batch_counts", "format_row", "main", "measure",
+           "peak_memory", "throughput"]
+
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+def batch_counts(graph) -> tuple[int, int]:
+    """Real molecules and real atoms of a padded batch (padding graph and nodes excluded).
+
+    Args:
+        graph: A ``jraph.GraphsTuple`` padded as by ``mpattn.graph.pad_batch``.
+
+    Returns:
+        ``(molecules, atoms)``: the number of real graphs and of real nodes.
+    """
+    from mpattn.graph import graph_mask, node_mask
+
+    return int(np.asarray(graph_mask(graph)).sum()), int(np.asarray(node_mask(graph)).sum())
+
+
+def throughput(molecules: int, atoms: int, seconds: float) -> dict[str, float]:
+    """Molecules/s and atoms/s of ``molecules`` and ``atoms`` processed in ``seconds``."""
+    if seconds <= 0:
+        raise ValueError(f"seconds must be positive, got {seconds}")
+    return {"mol_per_s": molecules / seconds, "atoms_per_s": atoms / seconds}
+
+
+class CompileCounter:
+    """Counts XLA backend compilations inside a ``with`` block (via ``jax.monitoring``).
+
+    Args:
+        name: Only count compilations of the jitted function of this Python name (JAX reports
+            it as ``jit(name)``); ``None`` counts every compilation (eager ops included).
+
+    Attributes:
+        count: Compilations observed so far.
+        seconds: Their summed backend compile time.
+    """
+
+    def __init__(self, name: str | None = None):
+        self.name, self.count, self.seconds = name, 0, 0.0
+
+    def _listen(self, event: str, duration_secs: float, **kwargs) -> None:
+        if event != _BACKEND_COMPILE_EVENT:
+            return
+        if self.name is None or kwargs.get("fun_name") in (self.name, f"jit({self.name})"):
+            self.count += 1
+            self.seconds += duration_secs
+
+    def __enter__(self) -> CompileCounter:
+        import jax.monitoring
+
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import jax.monitoring
+
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def peak_memory() -> tuple[int, str]:
+    """Peak memory of this process in bytes and what was measured.
+
+    Returns:
+        ``(bytes, "device_peak_bytes_in_use")`` from the first JAX device's memory stats where it
+        reports them (GPU), else ``(bytes, "process_peak_rss")`` from ``ru_maxrss`` (KiB on
+        Linux, bytes on macOS).
+    """
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if stats.get("peak_bytes_in_use"):
+        return int(stats["peak_bytes_in_use"]), "device_peak_bytes_in_use"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024), "process_peak_rss"
+
+
+def _batches(gs, batch_size: int, batches: int) -> list:
+    import jax
+
+    from mpattn.data.loader import BatchLoader
+
+    out = []
+    for b in BatchLoader(gs, batch_size, prefetch=0, seed=0):
+        real = np.asarray(b.globals["id"]) >= 0
+        y = np.asarray(b.globals["U0"], np.float64)
+        y = np.where(real, (y - y[real].mean()) / 10.0, 0.0)  # a standardised-ish target
+        out.append(jax.device_put(b._replace(globals={"y": y.astype(np.float32)})))
+        if len(out) == batches:
+            break
+    return out
+
+
+def _run(fn, data: list, name: str) -> tuple[float, float, int]:
+    """(wall s of first calls per new shape, wall s of a pass over all data, compilations)."""
+    import jax
+
+    def shape(b):
+        return tuple(b.nodes["z"].shape) + tuple(b.senders.shape) + tuple(b.n_node.shape)
+
+    first = {shape(b): b for b in data}
+    with CompileCounter(name) as counter:
+        t0 = time.perf_counter()
+        for b in first.values():
+            jax.block_until_ready(fn(b))
+        compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for b in data:
+            jax.block_until_ready(fn(b))
+        run_s = time.perf_counter() - t0
+    return compile_s, run_s, counter.count
+
+
+def measure(name: str, gs, batch_size: int, batches: int) -> dict:
+    """Throughput, compilations and peak memory of one model at one batch size.
+
+    Args:
+        name: A registered model (``mpattn.models.model_names()``), default configuration.
+        gs: The GraphSet to batch (needs ``U0`` and ``id`` globals).
+        batch_size: Molecules per batch (``BatchLoader``'s batch size).
+        batches: How many batches to time.
+
+    Returns:
+        One result row (see the module docstring).
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from mpattn.graph import graph_mask
+    from mpattn.models import create_model
+
+    model = create_model(name, rngs=nnx.Rngs(0))
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    data = _batches(gs, batch_size, batches)
+    for b in data:
+        model.check(b)
+    mols, atoms = map(sum, zip(*(batch_counts(b) for b in data), strict=True))
+    budgets = len({(b.nodes["z"].shape[0], b.senders.shape[0], b.n_node.shape[0]) for b in data})
+    graphdef, state = nnx.split(model)
+    opt = optax.adam(1e-3)
+    carry = {"state": state, "opt": opt.init(state)}
+
+    @jax.jit
+    def forward(state, graph):
+        return nnx.merge(graphdef, state)(graph)
+
+    def loss_fn(state, graph):
+        pred = nnx.merge(graphdef, state)(graph)
+        mask = graph_mask(graph)
+        err = jnp.where(mask, pred - graph.globals["y"], 0.0)
+        return jnp.sum(err**2) / jnp.sum(mask)
+
+    def train_step(state, opt_state, graph):
+        loss, grads = jax.value_and_grad(loss_fn)(state, graph)
+        updates, opt_state = opt.update(grads, opt_state, state)
+        return optax.apply_updates(state, updates), opt_state, loss
+
+    train_step = jax.jit(train_step, donate_argnums=(0, 1))
+
+    def infer(b):
+        return forward(carry["state"], b)
+
+    def step(b):
+        carry["state"], carry["opt"], loss = train_step(carry["state"], carry["opt"], b)
+        return loss
+
+    fwd_compile, fwd_s, fwd_n = _run(infer, data, "forward")
+    train_compile, train_s, train_n = _run(step, data, "train_step")
+    mem, kind = peak_memory()
+    fwd, train = throughput(mols, atoms, fwd_s), throughput(mols, atoms, train_s)
+    return {
+        "model": name, "batch_size": batch_size, "params": int(params), "batches": len(data),
+        "molecules": mols, "atoms": atoms, "budgets_seen": budgets,
+        "train_mol_per_s": train["mol_per_s"], "train_atoms_per_s": train["atoms_per_s"],
+        "infer_mol_per_s": fwd["mol_per_s"], "infer_atoms_per_s": fwd["atoms_per_s"],
+        "compile_s_train": train_compile, "compile_s_infer": fwd_compile,
+        "compiles_train": train_n, "compiles_infer": fwd_n,
+        "compiles_ok": train_n == budgets and fwd_n == budgets,
+        "peak_memory_bytes": mem, "peak_memory_kind": kind,
+    }
+
+
+HEADER = (f"{'model':19s} {'batch':>5s} {'params':>9s} {'train mol/s':>11s} {'atoms/s':>9s} "
+          f"{'infer mol/s':>11s} {'atoms/s':>9s} {'compile s':>9s} {'compiles':>10s} "
+          f"{'peak MiB':>9s}")
+
+
+def format_row(r: dict) -> str:
+    """One table line of a :func:`measure` row (compiles as ``train/infer of budgets``)."""
+    comp = f"{r['compiles_train']}/{r['compiles_infer']}:{r['budgets_seen']}"
+    comp += "" if r["compiles_ok"] else "!"
+    return (f"{r['model']:19s} {r['batch_size']:5d} {r['params']:9,d} "
+            f"{r['train_mol_per_s']:11.1f} {r['train_atoms_per_s']:9.0f} "
+            f"{r['infer_mol_per_s']:11.1f} {r['infer_atoms_per_s']:9.0f} "
+            f"{r['compile_s_train'] + r['compile_s_infer']:9.1f} {comp:>10s} "
+            f"{r['peak_memory_bytes'] / 2**20:9.0f}")
+
+
+def main(argv=None) -> int:
+    from benchmarks.models import _qm9_graphs
+    from mpattn.models import model_names
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.speed",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=model_names(), choices=model_names())
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 128])
+    ap.add_argument("--batches", type=int, default=8, help="timed batches per model and size")
+    ap.add_argument("--molecules", type=int, default=2000,
+                    help="QM9 molecules drawn at random (seeded) from the whole set")
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args(argv)
+    gs = _qm9_graphs(args.molecules, "complete")
+    print(HEADER, flush=True)
+    rows = []
+    for name in args.models:
+        for bs in args.batch_sizes:
+            rows.append(measure(name, gs, bs, args.batches))
+            print(format_row(rows[-1]), flush=True)
+    kind = rows[-1]["peak_memory_kind"] if rows else None
+    print(f"compiles: train/infer:budgets seen ('!' = mismatch); peak memory: {kind} "
+          "(process-wide high-water mark)")
+    if not args.no_save:
+        path = write_result("speed", {"edge_set": "complete", "molecules": args.molecules,
+                                      "batches": args.batches, "memory_kind": kind,
+                                      "rows": rows})
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
