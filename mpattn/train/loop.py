@@ -40,6 +40,7 @@ from mpattn.train.schedules import current_lr, ema_init, ema_update, make_optimi
 from mpattn.train.targets import TargetTransform, element_counts
 
 __all__ = [
+    "EpochLoop",
     "Prepared",
     "TrainConfig",
     "Trainer",
@@ -235,7 +236,61 @@ def _to_builtin(obj):
                                  else str(o)))
 
 
-class Trainer:
+class EpochLoop:
+    """The epoch loop the trainers share: epochs until ``config.epochs`` or the time budget,
+    a NaN/inf check naming the step, a metrics row per epoch into ``metrics.csv``, a
+    checkpoint per epoch scored by ``row[score_key]``, a tqdm bar.
+
+    Subclasses hold ``config`` (``epochs``, ``time_budget_min``), ``carry`` (with ``"step"``),
+    ``checkpoints``, ``history``, ``epoch``, ``workdir``, ``log`` and implement
+    ``_run_epoch(epoch) -> losses``, ``_epoch_row(losses, t0, train_s) -> row``,
+    ``_postfix(row)`` and ``save(score)``.
+    """
+
+    score_key = "val_mae"
+
+    def fit(self, progress: bool = True) -> list[dict]:
+        """Train until ``config.epochs`` or the time budget; returns the per-epoch rows."""
+        from tqdm.auto import tqdm
+
+        c = self.config
+        budget_s = None if c.time_budget_min is None else 60 * c.time_budget_min
+        t_start = time.perf_counter()
+        spent = sum(r["seconds"] for r in self.history)
+        with tqdm(total=c.epochs, initial=self.epoch, desc="epochs", unit="epoch",
+                  disable=not progress) as bar:
+            while self.epoch < c.epochs:
+                t0 = time.perf_counter()
+                step0 = int(self.carry["step"])
+                losses = np.asarray(jax.device_get(self._run_epoch(self.epoch)), np.float64)
+                if not np.all(np.isfinite(losses)):
+                    bad = int(np.nonzero(~np.isfinite(losses))[0][0])
+                    raise TrainingDiverged(
+                        f"loss is {losses[bad]} at step {step0 + bad + 1} (epoch "
+                        f"{self.epoch + 1}); the last good checkpoint (step "
+                        f"{self.checkpoints.latest_step()}) is kept")
+                row = self._epoch_row(losses, t0, time.perf_counter() - t0)
+                self.history.append(row)
+                self.epoch += 1
+                self._write_metrics()
+                self.save(row[self.score_key])
+                bar.update(1)
+                bar.set_postfix(**self._postfix(row))
+                elapsed = spent + time.perf_counter() - t_start
+                if budget_s is not None and elapsed + row["seconds"] > budget_s:
+                    self.log(f"time budget of {c.time_budget_min} min reached after "
+                             f"{self.epoch} epochs")
+                    break
+        return self.history
+
+    def _write_metrics(self) -> None:
+        with (self.workdir / "metrics.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(self.history[0]))
+            w.writeheader()
+            w.writerows(self.history)
+
+
+class Trainer(EpochLoop):
     """Trains ``config.model`` on prepared data, writing ``metrics.csv`` and checkpoints.
 
     Args:
@@ -325,66 +380,32 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def fit(self, progress: bool = True) -> list[dict]:
-        """Train until ``config.epochs`` or the time budget; returns the per-epoch rows."""
-        from tqdm.auto import tqdm
+    def _run_epoch(self, epoch: int) -> list:
+        losses = []
+        for group in self._groups(epoch):
+            self.carry, loss = self.train_step(self.carry, group)
+            losses.append(loss)
+        return losses
 
-        c = self.config
-        budget_s = None if c.time_budget_min is None else 60 * c.time_budget_min
-        t_start = time.perf_counter()
-        spent = sum(r["seconds"] for r in self.history)
-        bar = tqdm(total=c.epochs, initial=self.epoch, desc="epochs", unit="epoch",
-                   disable=not progress)
-        while self.epoch < c.epochs:
-            t0 = time.perf_counter()
-            step0 = int(self.carry["step"])
-            losses = []
-            for group in self._groups(self.epoch):
-                self.carry, loss = self.train_step(self.carry, group)
-                losses.append(loss)
-            losses = np.asarray(jax.device_get(losses), np.float64)
-            if not np.all(np.isfinite(losses)):
-                bad = int(np.nonzero(~np.isfinite(losses))[0][0])
-                raise TrainingDiverged(
-                    f"loss is {losses[bad]} at step {step0 + bad + 1} (epoch {self.epoch + 1});"
-                    f" the last good checkpoint (step {self.checkpoints.latest_step()}) is kept")
-            train_s = time.perf_counter() - t0
-            val = self.report(self.data.val)
-            srt = np.sort(losses)
-            row = {
-                "epoch": self.epoch + 1,
-                "step": int(self.carry["step"]),
-                "train_loss": float(losses.mean()),
-                "train_loss_low5": float(srt[:5].mean()),
-                "train_loss_high5": float(srt[-5:].mean()),
-                "val_mae": float(val.get("mae_mev", val.get("mae"))),
-                "lr": float(current_lr(self.carry["opt"])),
-                "seconds": time.perf_counter() - t0,
-                "train_mol_per_s": len(self.data.train.graphs) / train_s,
-            }
-            self.history.append(row)
-            self.epoch += 1
-            self._write_metrics()
-            self.save(row["val_mae"])
-            bar.update(1)
-            bar.set_postfix(val_mae=f"{row['val_mae']:.1f}",
-                            mol_s=f"{row['train_mol_per_s']:.0f}")
-            elapsed = spent + time.perf_counter() - t_start
-            if budget_s is not None and elapsed + row["seconds"] > budget_s:
-                self.log(f"time budget of {c.time_budget_min} min reached after "
-                         f"{self.epoch} epochs")
-                break
-        bar.close()
-        return self.history
+    def _epoch_row(self, losses: np.ndarray, t0: float, train_s: float) -> dict:
+        val = self.report(self.data.val)
+        srt = np.sort(losses)
+        return {
+            "epoch": self.epoch + 1,
+            "step": int(self.carry["step"]),
+            "train_loss": float(losses.mean()),
+            "train_loss_low5": float(srt[:5].mean()),
+            "train_loss_high5": float(srt[-5:].mean()),
+            "val_mae": float(val.get("mae_mev", val.get("mae"))),
+            "lr": float(current_lr(self.carry["opt"])),
+            "seconds": time.perf_counter() - t0,
+            "train_mol_per_s": len(self.data.train.graphs) / train_s,
+        }
+
+    def _postfix(self, row: dict) -> dict:
+        return {"val_mae": f"{row['val_mae']:.1f}", "mol_s": f"{row['train_mol_per_s']:.0f}"}
 
     # ------------------------------------------------------------------ persistence
-
-    def _write_metrics(self) -> None:
-        path = self.workdir / "metrics.csv"
-        with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(self.history[0]))
-            w.writeheader()
-            w.writerows(self.history)
 
     def meta(self) -> dict:
         return _to_builtin({

@@ -29,7 +29,6 @@ Reference: Frank, Unke & Müller, "So3krates", NeurIPS 2022 (loss, linear energy
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import json
@@ -58,7 +57,7 @@ from mpattn.models.potential import (
     force_metrics,
 )
 from mpattn.train.checkpoint import Checkpointer, json_tuples, read_meta
-from mpattn.train.loop import TrainingDiverged
+from mpattn.train.loop import EpochLoop
 from mpattn.train.schedules import current_lr, ema_init, ema_update, make_optimizer
 
 __all__ = [
@@ -266,7 +265,7 @@ def _make_step(graphdef, optimizer, config: PotentialConfig):
     return train_step
 
 
-class PotentialTrainer:
+class PotentialTrainer(EpochLoop):
     """Trains a potential on prepared frames, writing ``metrics.csv`` and checkpoints.
 
     Args:
@@ -277,6 +276,8 @@ class PotentialTrainer:
             ``config.cutoff``); its cutoff must equal ``config.cutoff``.
         log: where one-line messages go.
     """
+
+    score_key = "val_force_mae_mev_ang"  # the best checkpoint: lowest val force MAE
 
     def __init__(self, config: PotentialConfig, prepared: PreparedFrames, workdir, *,
                  model_config=None, log: Callable[[str], None] = print):
@@ -351,65 +352,31 @@ class PotentialTrainer:
 
     # ------------------------------------------------------------------ training
 
-    def fit(self, progress: bool = True) -> list[dict]:
-        """Train until ``config.epochs`` or the time budget; returns the per-epoch rows."""
-        from tqdm.auto import tqdm
+    def _run_epoch(self, epoch: int) -> list:
+        losses = []
+        for batch in self.loader.epoch(epoch):
+            self.carry, loss = self.train_step(self.carry, self.rest, batch)
+            losses.append(loss)
+        return losses
 
-        c = self.config
-        budget_s = None if c.time_budget_min is None else 60 * c.time_budget_min
-        t_start = time.perf_counter()
-        spent = sum(r["seconds"] for r in self.history)
-        n_train = len(self.data.train.graphs)
-        bar = tqdm(total=c.epochs, initial=self.epoch, desc="epochs", unit="epoch",
-                   disable=not progress)
-        while self.epoch < c.epochs:
-            t0 = time.perf_counter()
-            step0 = int(self.carry["step"])
-            losses = []
-            for batch in self.loader.epoch(self.epoch):
-                self.carry, loss = self.train_step(self.carry, self.rest, batch)
-                losses.append(loss)
-            losses = np.asarray(jax.device_get(losses), np.float64)
-            if not np.all(np.isfinite(losses)):
-                bad = int(np.nonzero(~np.isfinite(losses))[0][0])
-                bar.close()
-                raise TrainingDiverged(
-                    f"loss is {losses[bad]} at step {step0 + bad + 1} (epoch {self.epoch + 1});"
-                    f" the last good checkpoint (step {self.checkpoints.latest_step()}) is kept")
-            train_s = time.perf_counter() - t0
-            val = self.report("val")
-            row = {
-                "epoch": self.epoch + 1,
-                "step": int(self.carry["step"]),
-                "train_loss": float(losses.mean()),
-                "val_energy_mae_mev": val["energy_mae_mev"],
-                "val_force_mae_mev_ang": val["force_mae_mev_ang"],
-                "lr": float(current_lr(self.carry["opt"])),
-                "seconds": time.perf_counter() - t0,
-                "frames_per_s": n_train / train_s,
-            }
-            self.history.append(row)
-            self.epoch += 1
-            self._write_metrics()
-            self.save(row["val_force_mae_mev_ang"])
-            bar.update(1)
-            bar.set_postfix(epoch=self.epoch, frames_s=f"{row['frames_per_s']:.0f}",
-                            val_F_mae=f"{row['val_force_mae_mev_ang']:.1f}")
-            elapsed = spent + time.perf_counter() - t_start
-            if budget_s is not None and elapsed + row["seconds"] > budget_s:
-                self.log(f"time budget of {c.time_budget_min} min reached after "
-                         f"{self.epoch} epochs")
-                break
-        bar.close()
-        return self.history
+    def _epoch_row(self, losses: np.ndarray, t0: float, train_s: float) -> dict:
+        val = self.report("val")
+        return {
+            "epoch": self.epoch + 1,
+            "step": int(self.carry["step"]),
+            "train_loss": float(losses.mean()),
+            "val_energy_mae_mev": val["energy_mae_mev"],
+            "val_force_mae_mev_ang": val["force_mae_mev_ang"],
+            "lr": float(current_lr(self.carry["opt"])),
+            "seconds": time.perf_counter() - t0,
+            "frames_per_s": len(self.data.train.graphs) / train_s,
+        }
+
+    def _postfix(self, row: dict) -> dict:
+        return {"epoch": self.epoch, "frames_s": f"{row['frames_per_s']:.0f}",
+                "val_F_mae": f"{row['val_force_mae_mev_ang']:.1f}"}
 
     # ------------------------------------------------------------------ persistence
-
-    def _write_metrics(self) -> None:
-        with (self.workdir / "metrics.csv").open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(self.history[0]))
-            w.writeheader()
-            w.writerows(self.history)
 
     def meta(self) -> dict:
         """Checkpoint metadata: everything :func:`load_potential` needs, no data."""
