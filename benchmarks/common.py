@@ -11,7 +11,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-__all__ = ["RESULTS", "device_name", "machine_info", "write_result"]
+__all__ = ["RESULTS", "device_name", "machine_info", "mse_adam_steps", "write_result"]
 
 
 def device_name() -> str:
@@ -57,3 +57,39 @@ def write_result(name: str, payload: dict, directory: Path = RESULTS) -> Path:
     path = directory / f"{name}-{info['device']}-{info['date']}.json"
     path.write_text(json.dumps({"machine": info, **payload}, indent=1) + "\n")
     return path
+
+
+def mse_adam_steps(model, lr: float = 1e-3):
+    """The benchmarks' jit-compiled forward and train step of an nnx ``model``.
+
+    Returns ``(forward, train_step, state, opt_state)``: ``forward(state, graph)`` gives the
+    predictions; ``train_step(state, opt_state, graph) -> (state, opt_state, loss)`` is a
+    masked MSE (against ``graph.globals["y"]``) + Adam step with ``state`` and ``opt_state``
+    donated (pass the returned ones on). The jitted functions keep the names ``forward`` and
+    ``train_step`` (compile counters filter on them).
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from mpattn.graph import graph_mask
+
+    graphdef, state = nnx.split(model)
+    opt = optax.adam(lr)
+
+    def forward(state, graph):
+        return nnx.merge(graphdef, state)(graph)
+
+    def loss_fn(state, graph):
+        mask = graph_mask(graph)
+        err = jnp.where(mask, forward(state, graph) - graph.globals["y"], 0.0)
+        return jnp.sum(err**2) / jnp.sum(mask)
+
+    def train_step(state, opt_state, graph):
+        loss, grads = jax.value_and_grad(loss_fn)(state, graph)
+        updates, opt_state = opt.update(grads, opt_state, state)
+        return optax.apply_updates(state, updates), opt_state, loss
+
+    return (jax.jit(forward), jax.jit(train_step, donate_argnums=(0, 1)), state,
+            opt.init(state))

@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import write_result
+from benchmarks.common import mse_adam_steps, write_result
 
 __all__ = ["CompileCounter", "HEADER", "batch_counts", "format_row", "main", "measure",
            "peak_memory", "throughput"]
@@ -159,11 +159,8 @@ def measure(name: str, gs, batch_size: int, batches: int) -> dict:
         One result row (see the module docstring).
     """
     import jax
-    import jax.numpy as jnp
-    import optax
     from flax import nnx
 
-    from mpattn.graph import graph_mask
     from mpattn.models import create_model
 
     model = create_model(name, rngs=nnx.Rngs(0))
@@ -173,26 +170,8 @@ def measure(name: str, gs, batch_size: int, batches: int) -> dict:
         model.check(b)
     mols, atoms = map(sum, zip(*(batch_counts(b) for b in data), strict=True))
     budgets = len({(b.nodes["z"].shape[0], b.senders.shape[0], b.n_node.shape[0]) for b in data})
-    graphdef, state = nnx.split(model)
-    opt = optax.adam(1e-3)
-    carry = {"state": state, "opt": opt.init(state)}
-
-    @jax.jit
-    def forward(state, graph):
-        return nnx.merge(graphdef, state)(graph)
-
-    def loss_fn(state, graph):
-        pred = nnx.merge(graphdef, state)(graph)
-        mask = graph_mask(graph)
-        err = jnp.where(mask, pred - graph.globals["y"], 0.0)
-        return jnp.sum(err**2) / jnp.sum(mask)
-
-    def train_step(state, opt_state, graph):
-        loss, grads = jax.value_and_grad(loss_fn)(state, graph)
-        updates, opt_state = opt.update(grads, opt_state, state)
-        return optax.apply_updates(state, updates), opt_state, loss
-
-    train_step = jax.jit(train_step, donate_argnums=(0, 1))
+    forward, train_step, state, opt_state = mse_adam_steps(model)
+    carry = {"state": state, "opt": opt_state}
 
     def infer(b):
         return forward(carry["state"], b)
