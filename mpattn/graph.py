@@ -7,6 +7,13 @@ exactly: after the real graphs comes one padding graph that holds every padding 
 padding edge (padding edges point at the first padding node), then empty graphs; all padded
 rows are zero. Masks come from jraph's ``get_*_padding_mask`` (never use
 ``jraph.zero_out_padding``: it calls removed JAX APIs).
+
+Edge pairs: where every edge ``s -> r`` (periodic shift ``t``) of a batch has its reverse
+``r -> s`` (shift ``-t``) — the complete, bond and radius edge sets all do — the batch carries
+``edges["pair"]``: int32 [n_edge], the slot in ``[0, ceil(n_edge / 2))`` of each edge's
+unordered pair (:func:`edge_pairs`; padding edges fill the slots after the real pairs, two per
+slot). A quantity that depends on the distance only (SchNet's filters, radial bases) is then
+computed once per pair instead of once per edge: half the work (:func:`mpattn.ops.pair_mean`).
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import numpy as np
 
 from mpattn.data.graphset import GraphSet, _ranges
 
-__all__ = ["Budget", "edge_mask", "graph_mask", "node_mask", "pad_batch", "round_up"]
+__all__ = ["Budget", "edge_mask", "edge_pairs", "graph_mask", "node_mask", "pad_batch",
+           "round_up"]
 
 
 @dataclass(frozen=True, order=True)
@@ -55,6 +63,95 @@ def round_up(x: int, multiple: int = 64) -> int:
     return -(-int(x) // multiple) * multiple
 
 
+def edge_pairs(senders, receivers, shift=None, *, num_edges: int | None = None
+               ) -> np.ndarray | None:
+    """The unordered pair of each edge of a symmetric edge list, or ``None`` if it is not one.
+
+    Edge ``s -> r`` with shift ``t`` and its reverse ``r -> s`` with shift ``-t`` share one pair
+    slot. Slots of real edges are ``0 .. len(senders) / 2 - 1``; with ``num_edges`` (a padded
+    edge count), the padding edges after them take the next slots, two per slot, so the
+    result has ``num_edges`` entries in ``[0, ceil(num_edges / 2))``.
+
+    Args:
+        senders: int[e] sender of each real edge.
+        receivers: int[e] receiver of each real edge.
+        shift: float[e, 3] periodic shifts in Å (``None``: all zero); compared to 1e-3 Å.
+        num_edges: pad the result to this length (default ``e``).
+
+    Returns:
+        int32[num_edges] pair slots, or ``None`` when some edge lacks its reverse, appears
+        twice, or is a self-loop without shift (its own reverse).
+    """
+    s = np.asarray(senders, np.int64).reshape(-1)
+    r = np.asarray(receivers, np.int64).reshape(-1)
+    e = s.shape[0]
+    total = e if num_edges is None else int(num_edges)
+    if e % 2 or total < e:
+        return None
+    lo, hi = np.minimum(s, r), np.maximum(s, r)
+    if shift is None or e == 0:
+        if np.any(s == r):
+            return None
+        slot = _pairs_by_table(lo, hi, s < r)
+        if slot is None:
+            return None
+    else:
+        t = np.rint(np.asarray(shift, np.float64).reshape(e, 3) * 1e3).astype(np.int64)
+        first = t[np.arange(e), np.argmax(t != 0, axis=1)]  # first nonzero component (or 0)
+        if np.any((s == r) & (first == 0)):
+            return None
+        forward = (s < r) | ((s == r) & (first > 0))
+        canon = np.where(forward[:, None], t, -t)
+        rows = np.column_stack([lo, hi, canon])
+        _, slot, count = np.unique(rows, axis=0, return_inverse=True, return_counts=True)
+        slot = slot.reshape(-1)
+        # every pair exactly twice, once in each direction
+        if count.size != e // 2 or np.any(count != 2) or np.any(
+                np.bincount(slot, weights=forward, minlength=count.size) != 1):
+            return None
+    out = np.empty(total, np.int32)
+    out[:e] = slot
+    out[e:] = e // 2 + np.arange(total - e) // 2
+    return out
+
+
+def _pairs_by_table(lo: np.ndarray, hi: np.ndarray, forward: np.ndarray) -> np.ndarray | None:
+    """Pair slots without sorting: forward edges number the pairs, reverses look them up.
+
+    ``key = lo * span + (hi - lo)`` indexes a table of ``(max lo + 1) x span`` entries: small
+    for batches of molecules (an edge never spans more than one molecule's atoms), so this is
+    O(edges) where ``np.unique`` would sort (5-10 ms for the 40k edges of a QM9 batch of 128).
+    Large spans (one big structure) fall back to sorting.
+    """
+    e = lo.shape[0]
+    if e == 0:
+        return np.zeros(0, np.int64)
+    span = int((hi - lo).max()) + 1
+    size = (int(lo.max()) + 1) * span
+    if size > 8 * e + 4096:
+        key = lo * span + (hi - lo)
+        _, slot, count = np.unique(key, return_inverse=True, return_counts=True)
+        ok = count.size == e // 2 and np.all(count == 2) and np.all(
+            np.bincount(slot, weights=forward, minlength=count.size) == 1)
+        return slot.reshape(-1) if ok else None
+    key = lo * span + (hi - lo)
+    fwd_key, rev_key = key[forward], key[~forward]
+    if fwd_key.size != rev_key.size:
+        return None
+    table = np.full(size, -1, np.int64)
+    table[fwd_key] = np.arange(fwd_key.size)
+    if np.any(table[fwd_key] != np.arange(fwd_key.size)):  # a forward edge listed twice
+        return None
+    slot = np.empty(e, np.int64)
+    slot[forward] = table[fwd_key]
+    slot[~forward] = table[rev_key]
+    # every reverse edge finds its forward edge, and no two reverses share one
+    if np.any(slot[~forward] < 0) or np.any(np.bincount(slot[~forward],
+                                                         minlength=fwd_key.size) != 1):
+        return None
+    return slot
+
+
 def pad_batch(gs: GraphSet, index: np.ndarray, budget: Budget) -> jraph.GraphsTuple:
     """Gathers graphs of a GraphSet into one GraphsTuple padded to ``budget``.
 
@@ -75,6 +172,7 @@ def pad_batch(gs: GraphSet, index: np.ndarray, budget: Budget) -> jraph.GraphsTu
         ``senders``/``receivers``: int32[budget.n_edge] (global node indices; padding edges
         point at the first padding node ``sum(n_node)``), ``n_node``/``n_edge``:
         int32[budget.n_graph] and ``globals[name]``: [budget.n_graph, ...]. Padded rows are zero.
+        Where the edges are symmetric, ``edges["pair"]`` (:func:`edge_pairs`) is added.
 
     Raises:
         ValueError: If the graphs do not fit the budget (the message gives the numbers).
@@ -110,6 +208,10 @@ def pad_batch(gs: GraphSet, index: np.ndarray, budget: Budget) -> jraph.GraphsTu
     receivers = np.full(budget.n_edge, tot_n, dtype=np.int32)
     np.add(gs.senders[eidx], shift, out=senders[:tot_e])
     np.add(gs.receivers[eidx], shift, out=receivers[:tot_e])
+    images = edges["shift"][:tot_e] if "shift" in edges else None
+    pair = edge_pairs(senders[:tot_e], receivers[:tot_e], images, num_edges=budget.n_edge)
+    if pair is not None:
+        edges["pair"] = pair
 
     n_node = np.zeros(budget.n_graph, dtype=np.int32)
     n_edge = np.zeros(budget.n_graph, dtype=np.int32)

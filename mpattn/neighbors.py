@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import jraph
 import numpy as np
 
-from mpattn.graph import Budget, round_up
+from mpattn.graph import Budget, edge_pairs, round_up
 
 __all__ = ["BudgetPolicy", "neighbor_graph", "pad_structure", "structure_arrays"]
 
@@ -136,7 +136,8 @@ def pad_structure(z, positions, senders, receivers, shift, budget: Budget, *,
 
     Padded rows are zero (``z = 0``, ``bond = 0``), padding edges point at the first
     padding node, the padding graph holds them all; positions and shifts are cast to
-    ``dtype``.
+    ``dtype``. Symmetric edge lists (every radius graph) get ``edges["pair"]``
+    (:func:`mpattn.graph.edge_pairs`).
     """
     n, e = len(z), len(senders)
     if not budget.fits(n, e, 1):
@@ -158,9 +159,13 @@ def pad_structure(z, positions, senders, receivers, shift, budget: Budget, *,
     n_edge[:2] = e, eb - e
     bond = np.zeros(eb, np.int32)
     bond[:e] = 4  # not bonded; padded rows are zero, as pad_batch leaves them
+    edges = {"bond": bond, "shift": sh}
+    pair = edge_pairs(senders, receivers, shift, num_edges=eb)
+    if pair is not None:
+        edges["pair"] = pair
     return jraph.GraphsTuple(
         nodes={"z": zz, "positions": pos, "features": np.zeros((nb, 0), np.float32)},
-        edges={"bond": bond, "shift": sh},
+        edges=edges,
         senders=snd, receivers=rcv, n_node=n_node, n_edge=n_edge, globals={})
 
 

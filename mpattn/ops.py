@@ -20,6 +20,8 @@ __all__ = [
     "graph_index",
     "masked_mean",
     "masked_sum",
+    "num_pairs",
+    "pair_mean",
     "safe_norm",
     "segment_count",
     "segment_max",
@@ -33,6 +35,22 @@ def segment_sum(data: Float[Array, "n ..."], segment_ids: Int[Array, " n"], *,
                 num_segments: int) -> Float[Array, "segments ..."]:
     """Sum of ``data`` rows per segment (empty segments give 0)."""
     return jax.ops.segment_sum(data, segment_ids, num_segments=num_segments)
+
+
+def num_pairs(pair: Int[Array, " n"]) -> int:
+    """Static number of pair slots of an ``edges["pair"]`` array: ``ceil(len / 2)``."""
+    return (pair.shape[0] + 1) // 2
+
+
+def pair_mean(data: Float[Array, "n ..."], pair: Int[Array, " n"]
+              ) -> Float[Array, "pairs ..."]:
+    """Mean of ``data`` over the two edges of each pair slot (``mpattn.graph.edge_pairs``).
+
+    For a quantity equal on both directions of a pair (a distance) this is that value, with
+    gradients shared by both edges; ``[pairs]`` = :func:`num_pairs`. Gather back per edge with
+    ``values[pair]``.
+    """
+    return segment_sum(data, pair, num_segments=num_pairs(pair)) * 0.5
 
 
 def segment_count(segment_ids: Int[Array, " n"], *, num_segments: int,

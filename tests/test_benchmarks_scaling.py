@@ -104,7 +104,8 @@ def test_measure_row_on_tiny_system():
     np.testing.assert_allclose(row["us_per_atom_step"], 1000 * row["step_ms"] / 48)
     np.testing.assert_allclose(row["mean_neighbors"], row["edges"] / 48)
     assert row["budget_edges"] >= row["edges"] > 0
-    assert row["edge_array_bytes"] == row["budget_edges"] * (4 + 4 + 4 + 12)
+    # senders, receivers, bond, pair (edge_pairs), shift
+    assert row["edge_array_bytes"] == row["budget_edges"] * (4 + 4 + 4 + 4 + 12)
     assert len(format_row(row)) == len(HEADER)  # columns line up
     fits = fits_of([row, {**row, "atoms": 96, "step_ms": 2 * row["step_ms"]}], 1000)
     assert fits["upper"]["exponent"] is None and "needs at least 2" in fits["upper"]["error"]

@@ -8,7 +8,16 @@ import jraph
 import numpy as np
 import pytest
 
-from mpattn.graph import Budget, edge_mask, graph_mask, node_mask, pad_batch, round_up
+from mpattn.featurize import complete_edges
+from mpattn.graph import (
+    Budget,
+    edge_mask,
+    edge_pairs,
+    graph_mask,
+    node_mask,
+    pad_batch,
+    round_up,
+)
 
 
 def _jraph_reference(gs, index, budget):
@@ -16,6 +25,10 @@ def _jraph_reference(gs, index, budget):
     return jraph.pad_with_graphs(
         jraph.batch_np(graphs), budget.n_node, budget.n_edge, budget.n_graph
     )
+
+
+def _without_pair(g):
+    return g._replace(edges={k: v for k, v in g.edges.items() if k != "pair"})
 
 
 def _assert_graphs_equal(got, want):
@@ -46,7 +59,9 @@ def test_pad_batch_equals_jraph(qm9_graphset, index, slack):
         n_graph=len(index) + slack[2],
     )
     got = pad_batch(gs, index, budget)
-    _assert_graphs_equal(got, _jraph_reference(gs, index, budget))
+    # jraph knows nothing of edge pairs: compare the rest, check the pairs in their own tests
+    assert got.edges["pair"].shape == (budget.n_edge,)
+    _assert_graphs_equal(_without_pair(got), _jraph_reference(gs, index, budget))
     # dtypes kept (jraph's own batching promotes indices to int64 under NumPy 2)
     for name in ("senders", "receivers", "n_node", "n_edge"):
         assert getattr(got, name).dtype == np.int32, name
@@ -149,3 +164,59 @@ def test_budget_and_round_up():
     assert not b.fits(10, 5, 2)
     assert not b.fits(9, 6, 2)
     assert not b.fits(9, 5, 3)
+
+
+def _check_pairs(pair, senders, receivers, shift=None, num_pairs=None):
+    """Every slot holds exactly one edge and its reverse (numpy loop, no tricks)."""
+    e = len(senders)
+    slots = {}
+    for k in range(e):
+        slots.setdefault(int(pair[k]), []).append(k)
+    assert sorted(slots) == list(range(e // 2))
+    for a, b in slots.values():
+        assert (senders[a], receivers[a]) == (receivers[b], senders[b])
+        if shift is not None:
+            np.testing.assert_allclose(shift[a], -shift[b])
+
+
+def test_edge_pairs_of_a_complete_graph():
+    s, r = complete_edges(5)
+    pair = edge_pairs(s, r)
+    assert pair.dtype == np.int32 and pair.shape == (20,)
+    _check_pairs(pair, s, r)
+    # padded: padding edges take the following slots, two per slot (the last one alone)
+    padded = edge_pairs(s, r, num_edges=25)
+    np.testing.assert_array_equal(padded[:20], pair)
+    np.testing.assert_array_equal(padded[20:], [10, 10, 11, 11, 12])
+
+
+def test_edge_pairs_rejects_asymmetric_lists():
+    assert edge_pairs([0, 1, 1], [1, 0, 2]) is None  # odd: 1 -> 2 has no reverse
+    assert edge_pairs([0, 1, 1, 2], [1, 0, 2, 0]) is None  # 1->2 and 2->0 unpaired
+    assert edge_pairs([0, 0, 1, 1], [1, 1, 0, 0]) is None  # a pair listed twice
+    assert edge_pairs([0, 1, 2, 2], [1, 0, 2, 2]) is None  # self-loop without a shift
+    assert edge_pairs([], []).shape == (0,)
+
+
+def test_edge_pairs_with_periodic_shifts():
+    # atom 0 sees its own images at +-a, and atom 1 across the cell boundary both ways
+    s = np.array([0, 0, 0, 1, 1, 0])
+    r = np.array([0, 0, 1, 0, 0, 1])
+    t = np.array([[3.0, 0, 0], [-3.0, 0, 0], [0, 0, 2.5], [0, 0, -2.5], [0, 0, 0], [0, 0, 0]])
+    pair = edge_pairs(s, r, t)
+    _check_pairs(pair, s, r, t)
+    # the same edges with a wrong sign on one shift no longer pair up
+    bad = t.copy()
+    bad[3] *= -1
+    assert edge_pairs(s, r, bad) is None
+
+
+def test_pad_batch_pairs_are_reverse_edges(qm9_graphset):
+    gs = qm9_graphset
+    index = np.array([7, 3, 100, 42])
+    budget = Budget(int(gs.n_node[index].sum()) + 3, int(gs.n_edge[index].sum()) + 6, 6)
+    g = pad_batch(gs, index, budget)
+    real = int(gs.n_edge[index].sum())
+    _check_pairs(g.edges["pair"][:real], g.senders[:real], g.receivers[:real])
+    assert g.edges["pair"][real:].min() == real // 2
+    assert g.edges["pair"].max() == (budget.n_edge + 1) // 2 - 1

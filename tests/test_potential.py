@@ -16,7 +16,7 @@ from ase.build import bulk, molecule
 from flax import nnx
 
 from mpattn.featurize import radius_edges
-from mpattn.graph import graph_mask
+from mpattn.graph import edge_pairs, graph_mask
 from mpattn.models.potential import (
     AttentionPotential,
     AttentionPotentialConfig,
@@ -397,3 +397,35 @@ def test_errors():
     assert table[0] == table[1] == table[6] == 0.0 and np.isnan(table[[2, 3, 4, 5]]).all()
     with pytest.raises(ValueError, match="attention_potential: atomic number 108 above max_z=100"):
         model.check(graph._replace(nodes={**graph.nodes, "z": graph.nodes["z"] + 100}))
+
+
+# ------------------------------------------------------------------ radial terms per edge pair
+
+
+def with_pairs(graph):
+    """The graph with ``edges["pair"]`` over its real edges (as pad_batch/pad_structure add)."""
+    real = int(graph.n_edge[np.asarray(graph_mask(graph))].sum())
+    shift = graph.edges["shift"][:real] if "shift" in graph.edges else None
+    pair = edge_pairs(graph.senders[:real], graph.receivers[:real], shift,
+                      num_edges=graph.senders.shape[0])
+    assert pair is not None
+    return graph._replace(edges={**graph.edges, "pair": pair})
+
+
+@pytest.mark.parametrize("kind", ["attention", "schnet", "crystal"])
+def test_pair_slots_give_the_same_energy_and_exact_forces(x64, pots, kind):
+    """Radial networks once per pair: same energies/forces as per edge, forces = -dE/dx (FD)."""
+    if kind == "crystal":
+        si, _ = _crystals()
+        g = radius_graph(si.numbers, si.positions, CFG.cutoff, np.asarray(si.cell), si.pbc)
+        graph, n = pad([g], PBC, dtype=np.float64), len(si)
+    else:
+        a = ethanol()
+        graph, n = pad([radius_graph(a.numbers, a.positions, 5.0)], dtype=np.float64), len(a)
+    paired = with_pairs(graph)
+    energy, forces = run(pots[kind], paired)
+    ref_energy, ref_forces = run(pots[kind], graph)
+    np.testing.assert_allclose(energy, ref_energy, rtol=1e-12)
+    np.testing.assert_allclose(forces, ref_forces, rtol=1e-9, atol=1e-12)
+    fd = fd_forces(pots[kind], paired)
+    np.testing.assert_allclose(forces[:n], fd, rtol=1e-6, atol=1e-6 * np.abs(fd).max())

@@ -26,6 +26,8 @@ class GraphInputs:
     bond: Int[Array, " num_edges"]
     n_node: Int[Array, " num_graphs"]
     edge_mask: Bool[Array, " num_edges"] | None
+    #: pair slot of each edge (``edges["pair"]``, see ``mpattn.graph.edge_pairs``) or None
+    pair: Int[Array, " num_edges"] | None = None
 
 
 def graph_inputs(graph: jraph.GraphsTuple, *, bonded_only: bool = False) -> GraphInputs:
@@ -48,6 +50,7 @@ def graph_inputs(graph: jraph.GraphsTuple, *, bonded_only: bool = False) -> Grap
         bond=bond,
         n_node=jnp.asarray(graph.n_node),
         edge_mask=(bond != NOT_BONDED) if bonded_only else None,
+        pair=jnp.asarray(graph.edges["pair"]) if "pair" in graph.edges else None,
     )
 
 

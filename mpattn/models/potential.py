@@ -42,7 +42,7 @@ from mpattn.nn.embed import AtomEmbedding
 from mpattn.nn.radial import polynomial_cutoff
 from mpattn.nn.readout import SumReadout, sum_readout
 from mpattn.nn.update import ACTIVATIONS
-from mpattn.ops import graph_index, segment_max, segment_sum
+from mpattn.ops import graph_index, pair_mean, segment_max, segment_sum
 
 __all__ = [
     "AttentionPotential",
@@ -203,21 +203,25 @@ class AttentionPotential(nnx.Module):
             raise ValueError(f"attention_potential: atomic number {int(z.max())} above "
                              f"max_z={self.config.max_z}")
 
-    def _attend(self, t: int, x, g, envelope):
+    def _attend(self, t: int, x, g, envelope, d):
         attn = self.attentions[t]
         if not self.config.smooth:
             return attn(x, senders=g.senders, receivers=g.receivers, distances=g.distances)
         n, shape = x.shape[0], (x.shape[0], attn.num_heads, attn.head_dim)
+
+        def per_edge(v):  # radial terms are computed per pair slot ``d`` when pairs are known
+            return v if g.pair is None or v is None else v[g.pair]
+
         filt = None
         if self.filters is not None:
             act = ACTIVATIONS[self.config.activation]
             inner, outer = self.filters[t]
-            filt = outer(act(inner(attn.rbf(g.distances)))).reshape((-1,) + shape[1:])
+            filt = per_edge(outer(act(inner(attn.rbf(d))))).reshape((-1,) + shape[1:])
         o = smooth_graph_attention(
             attn.query(x).reshape(shape), attn.key(x).reshape(shape),
             attn.value(x).reshape(shape), senders=g.senders, receivers=g.receivers,
             num_segments=n, envelope=envelope,
-            bias=attn.edge_logit_bias(distances=g.distances), value_filter=filt)
+            bias=per_edge(attn.edge_logit_bias(distances=d)), value_filter=filt)
         return attn.out(o.reshape(n, -1))
 
     def __call__(self, graph: jraph.GraphsTuple, *, per_atom: bool = False):
@@ -225,10 +229,13 @@ class AttentionPotential(nnx.Module):
         c = self.config
         act = ACTIVATIONS[c.activation]
         g = graph_inputs(graph)
-        envelope = polynomial_cutoff(g.distances, c.cutoff)
+        # symmetric edges (edges["pair"]): the radial networks run once per unordered pair
+        d = g.distances if g.pair is None else pair_mean(g.distances, g.pair)
+        envelope = polynomial_cutoff(d, c.cutoff)
+        envelope = envelope if g.pair is None else envelope[g.pair]
         h = self.embed(graph.nodes)
         for t in range(c.steps):
-            h = h + self._attend(t, self.attn_norms[t](h), g, envelope)
+            h = h + self._attend(t, self.attn_norms[t](h), g, envelope, d)
             h = h + self.ff_out[t](act(self.ff_in[t](self.ff_norms[t](h))))
         return self.readout(self.final_norm(h), g.n_node, mask=_node_mask(graph),
                             per_atom=per_atom)

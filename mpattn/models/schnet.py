@@ -19,6 +19,7 @@ from mpattn.models.common import graph_inputs
 from mpattn.nn.embed import AtomEmbedding
 from mpattn.nn.message import Interaction, shifted_softplus
 from mpattn.nn.readout import SumReadout
+from mpattn.ops import pair_mean
 
 __all__ = ["SchNet", "SchNetConfig"]
 
@@ -55,8 +56,10 @@ class SchNet(nnx.Module):
     def __call__(self, graph: jraph.GraphsTuple, *, per_atom: bool = False):
         """Predictions [num_graphs] (and per-atom contributions [num_nodes])."""
         g = graph_inputs(graph, bonded_only=self.config.bonded_only)
+        # symmetric edges (edges["pair"]): filters once per unordered pair, half the work
+        d = g.distances if g.pair is None else pair_mean(g.distances, g.pair)
         h = self.embed(graph.nodes)
         for block in self.interactions:
-            h = h + block(h, senders=g.senders, receivers=g.receivers, distances=g.distances,
-                          edge_mask=g.edge_mask)
+            h = h + block(h, senders=g.senders, receivers=g.receivers, distances=d,
+                          edge_mask=g.edge_mask, pair=g.pair)
         return self.readout(h, g.n_node, per_atom=per_atom)

@@ -323,23 +323,29 @@ class EdgeNetwork(nnx.Module):
                                   order=self.order)
 
 
-def cfconv(x: Float[Array, "num_nodes features"], W: Float[Array, "num_edges features"], *,
+def cfconv(x: Float[Array, "num_nodes features"], W: Float[Array, "rows features"], *,
            senders: Int[Array, " num_edges"], receivers: Int[Array, " num_edges"],
-           num_segments: int) -> Float[Array, "num_nodes features"]:
+           num_segments: int, pair: Int[Array, " num_edges"] | None = None
+           ) -> Float[Array, "num_nodes features"]:
     """Continuous-filter convolution ``x'_v = Σ_{edges w->v} x_w ⊙ W_vw``.
 
     Args:
         x: [N, F] node features.
-        W: [E, F] filter values per edge (zero beyond the cutoff when made by :class:`CFConv`).
+        W: [E, F] filter values per edge, or with ``pair`` [P, F] per unordered pair (zero
+            beyond the cutoff when made by :class:`CFConv`).
         senders: int [E].
         receivers: int [E].
         num_segments: Static number of nodes N.
+        pair: int [E] pair slot of each edge (``edges["pair"]``): the edge's filter is
+            ``W[pair]`` (a filter of the distance is the same both ways).
 
     Returns:
         [N, F].
 
     Reference: Schütt et al., NeurIPS 2017, eq. 2 (interatomic form).
     """
+    if pair is not None:
+        W = W[pair]
     return segment_sum(x[senders] * W, receivers, num_segments=num_segments)
 
 
@@ -380,11 +386,19 @@ class CFConv(nnx.Module):
 
     def __call__(self, x: Float[Array, "num_nodes features"], *,
                  senders: Int[Array, " num_edges"], receivers: Int[Array, " num_edges"],
-                 distances: Float[Array, " num_edges"],
-                 edge_mask: Bool[Array, " num_edges"] | None = None
+                 distances: Float[Array, " rows"],
+                 edge_mask: Bool[Array, " num_edges"] | None = None,
+                 pair: Int[Array, " num_edges"] | None = None
                  ) -> Float[Array, "num_nodes features"]:
-        """[N, dim] convolved features (``edge_mask`` False edges send nothing)."""
+        """[N, dim] convolved features (``edge_mask`` False edges send nothing).
+
+        With ``pair`` (``edges["pair"]``), ``distances`` are per pair slot ([P], e.g.
+        :func:`mpattn.ops.pair_mean` of the edge distances) and the filter network runs once
+        per pair: half the work of the per-edge form, same result.
+        """
         W = self.filters(distances)
+        if pair is not None:
+            W, pair = W[pair], None
         if edge_mask is not None:
             W = jnp.where(edge_mask[:, None], W, 0)
         return cfconv(x, W, senders=senders, receivers=receivers, num_segments=x.shape[0])
@@ -419,10 +433,11 @@ class Interaction(nnx.Module):
 
     def __call__(self, x: Float[Array, "num_nodes features"], *,
                  senders: Int[Array, " num_edges"], receivers: Int[Array, " num_edges"],
-                 distances: Float[Array, " num_edges"],
-                 edge_mask: Bool[Array, " num_edges"] | None = None
+                 distances: Float[Array, " rows"],
+                 edge_mask: Bool[Array, " num_edges"] | None = None,
+                 pair: Int[Array, " num_edges"] | None = None
                  ) -> Float[Array, "num_nodes features"]:
-        """The update ``v`` [N, dim] (add it to ``x`` yourself)."""
+        """The update ``v`` [N, dim] (add it to ``x`` yourself); ``pair``: see :class:`CFConv`."""
         y = self.conv(self.in2f(x), senders=senders, receivers=receivers, distances=distances,
-                      edge_mask=edge_mask)
+                      edge_mask=edge_mask, pair=pair)
         return self.dense(shifted_softplus(self.f2out(y)))

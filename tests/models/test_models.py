@@ -184,3 +184,23 @@ def test_register_model_adds_a_named_model_and_guards_builtins():
         register_model("schnet", Tiny, TinyConfig())
     with pytest.raises(ValueError, match="config must be a dataclass instance"):
         register_model("tiny_test", Tiny, TinyConfig)
+
+
+@pytest.mark.parametrize("bonded_only", [False, True])
+def test_schnet_filters_per_pair_equal_filters_per_edge(batch, bonded_only):
+    # pad_batch marks each edge's unordered pair; SchNet then runs its filter network once per
+    # pair. Predictions and forces must equal the per-edge form (the graph without "pair").
+    assert "pair" in batch.edges
+    model = create_model("schnet", rngs=nnx.Rngs(4), interactions=2, bonded_only=bonded_only)
+    per_edge = batch._replace(edges={k: v for k, v in batch.edges.items() if k != "pair"})
+
+    def energy(p, graph):
+        return jnp.sum(model(graph._replace(nodes={**graph.nodes, "positions": p}))[:12])
+
+    pos = jnp.asarray(batch.nodes["positions"])
+    np.testing.assert_allclose(model(batch), model(per_edge), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.grad(energy)(pos, batch), jax.grad(energy)(pos, per_edge),
+                               rtol=1e-4, atol=1e-5)
+    # a wrong pairing (each edge's filter taken from another pair) changes the prediction
+    wrong = batch._replace(edges={**batch.edges, "pair": np.roll(batch.edges["pair"], 1)})
+    assert np.abs(np.asarray(model(wrong) - model(batch))[:12]).max() > 1e-3
