@@ -1,0 +1,589 @@
+"""Peers: our MPNN and SchNet against PyTorch Geometric's, on the same molecules and batches.
+
+    python -m benchmarks.peers                              # throughput, batch 32 and 128
+    python -m benchmarks.peers --minutes 10                 # + test MAE after 10 min each
+    python -m benchmarks.peers --models mpnn --batches 2 --molecules 300 --no-save
+
+Needs the ``bench`` extra (``pip install -e ".[bench]"``: torch, torch-geometric). The PyG
+peers are built from OUR default configs (``mpattn.models.default_config``), so a config change
+moves both sides:
+
+- **mpnn** vs PyG's ``examples/qm9_nn_conv.py``: ``Linear(12, d)`` + ReLU, ``steps`` x
+  (``NNConv(d, d, Seq(Linear(21, 128), ReLU, Linear(128, d²)), aggr="add")`` + ReLU, ``GRU``),
+  ``Set2Set(d, 3)``, ``Linear(2d, d)`` + ReLU, ``Linear(d, 1)``; edge features one_hot(bond, 5)
+  ⊕ 16 Gaussians of the distance (``mpattn.nn.radial.gaussian_basis``'s formula), computed in
+  the forward pass from the positions as ours does. Matched to ours: NNConv without root weight
+  and bias (``root_weight=False, bias=False``; PyG's example has both and ``aggr="mean"``), the
+  ReLU on ``h_0``, the edge network's Linear bias is our ``B``. Remaining differences: torch's
+  GRU and LSTM carry a second, redundant bias vector (PyG has 3d + 4d = 448 more parameters,
+  +0.07 %); each side keeps its framework's default initialisation (ours scales the edge
+  network's ``M`` down for sum aggregation, ``B = 0``).
+- **schnet** vs ``torch_geometric.nn.models.SchNet(128, 128, 6, 50, cutoff=10, readout="add")``
+  given the batch's own complete graph, pairs at or beyond the cutoff dropped (ours keeps them
+  with a filter of exactly 0: the same function). Differences: PyG's embedding has 100 rows,
+  ours ``max_z + 1 = 101`` (128 parameters); Xavier (PyG) vs LeCun (ours) initialisation.
+
+**Throughput** (as ``benchmarks.speed``): a seeded sample of ``--molecules`` QM9 molecules,
+complete edge set, the first ``--batches`` batches ``BatchLoader`` makes; each is converted once,
+before timing, to a PyG ``Batch`` of its real molecules (:func:`pyg_arrays`, padding dropped). A
+train step is forward + MSE + backward + Adam (ours: ``benchmarks.common.mse_adam_steps``,
+jit-compiled; compile time reported apart; PyG: one warm-up step first); inference is the
+forward pass (PyG under ``torch.inference_mode``). Throughput = real molecules / wall time over
+all batches; ratio = ours / PyG. torch uses ``--threads`` threads, JAX all cores.
+
+**Accuracy at equal time** (``--minutes M``): the ``cpu`` preset's split 15,000 / 1,000 / 5,000
+(``make_split``, seed 0, one split file for all runs); the same per-element reference and
+standardisation fitted on the training split (``mpattn.train.loop.prepare``: PyG trains on the
+very same numbers); L1 loss, Adam lr 1e-3, batch ``--batch-size``, gradient clipping 10, cosine
+lr (1 warm-up epoch) over ``planned_epochs(M, train mol/s at that batch size, n_train)`` epochs
+(:func:`planned_epochs`, the same rule for both). Ours trains through ``run_qm9`` (time budget
+checked at epoch ends: it stops before an epoch that would overrun); PyG through a torch loop
+(PyG ``DataLoader`` shuffled each epoch from seed 0, collation in the main thread, lr from our
+optax schedule at every step, stop after the first batch that ends past M minutes). Both
+clocks include the per-epoch validation; both evaluate the best-by-validation weights (PyG:
+validation after each epoch and once after stopping). Plus a row "mhmp (cpu preset)":
+``run_qm9`` with the ``cpu`` preset and ``time_budget_min=M`` (``--no-preset-row`` skips it).
+
+Writes ``peers-<device>-<date>.json`` (and ``.png``, test MAE bars, with ``--minutes``) under
+``--out`` (default ``benchmarks/results/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import functools
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["ACCURACY_HEADER", "SPEED_HEADER", "accuracy_rows", "build_pyg", "edge_features",
+           "format_accuracy_row", "format_speed_row", "lr_values", "main", "measure_pair",
+           "measure_pyg", "planned_epochs", "plot_accuracy", "pyg_arrays", "pyg_batch",
+           "pyg_molecules", "pyg_mse_step", "ratio", "require_torch", "torch_params",
+           "train_pyg"]
+
+MODELS = ("mpnn", "schnet")
+SIZES = (15_000, 1_000, 5_000)  # the cpu preset's split
+NUM_BOND_TYPES, NOT_BONDED = 5, 4
+INSTALL_HINT = 'pip install -e ".[bench]"'
+
+
+def require_torch():
+    """``(torch, torch_geometric)``, or an ImportError that says how to install them."""
+    try:
+        import torch
+        import torch_geometric
+    except ImportError as exc:
+        raise ImportError(f"benchmarks.peers needs PyTorch and PyTorch Geometric ({exc}); "
+                          f"install them with: {INSTALL_HINT}") from exc
+    return torch, torch_geometric
+
+
+def planned_epochs(minutes: float, mol_per_s: float, n_train: int) -> int:
+    """Epochs the cosine schedule plans for: ``floor(minutes · 60 · mol_per_s / n_train)``, ≥ 1.
+
+    Args:
+        minutes: Training time budget M.
+        mol_per_s: Training molecules per second measured for that model and batch size.
+        n_train: Training molecules per epoch.
+    """
+    for name, v in (("minutes", minutes), ("mol_per_s", mol_per_s)):
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"planned_epochs: {name} must be positive and finite, got {v}")
+    if int(n_train) != n_train or n_train < 1:
+        raise ValueError(f"planned_epochs: n_train must be a positive integer, got {n_train}")
+    return max(1, math.floor(minutes * 60.0 * mol_per_s / n_train + 1e-9))
+
+
+def ratio(ours: float, peer: float) -> float:
+    """Throughput ratio ours / peer (> 1: ours is faster)."""
+    if not peer > 0:
+        raise ValueError(f"ratio: the peer's throughput must be positive, got {peer}")
+    return ours / peer
+
+
+def lr_values(lr: float, *, steps_per_epoch: int, epochs: int) -> np.ndarray:
+    """Our cosine schedule (``mpattn.train.schedules.make_schedule``) at steps 0..total:
+    update ``k`` uses ``values[min(k, total)]``, as optax's ``inject_hyperparams`` does."""
+    import jax.numpy as jnp
+
+    from mpattn.train.schedules import make_schedule
+
+    sched = make_schedule(lr, "cosine", steps_per_epoch=steps_per_epoch, epochs=epochs)
+    return np.asarray(sched(jnp.arange(steps_per_epoch * epochs + 1)), np.float64)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def pyg_arrays(graph) -> dict[str, np.ndarray]:
+    """The real molecules of a padded jraph batch as the numpy arrays of a PyG ``Batch``.
+
+    Returns:
+        ``x`` [n, F], ``z`` int64 [n], ``pos`` [n, 3], ``edge_index`` int64 [2, e] (row 0 our
+        senders, row 1 our receivers: PyG's source -> target), ``bond`` int64 [e], ``batch``
+        int64 [n] (molecule of each atom), ``ptr`` int64 [g + 1] and ``y`` [g] if the batch
+        has ``globals["y"]``; padding nodes, edges and graphs dropped.
+    """
+    from mpattn.graph import edge_mask, graph_mask, node_mask
+
+    nm, em, gm = (np.asarray(f(graph)) for f in (node_mask, edge_mask, graph_mask))
+    n_node = np.asarray(graph.n_node)[gm].astype(np.int64)
+    edge_index = np.stack([np.asarray(graph.senders)[em], np.asarray(graph.receivers)[em]])
+    if edge_index.size and edge_index.max() >= nm.sum():  # real nodes come first (jraph)
+        raise ValueError("pyg_arrays: a real edge points at a padding node")
+    out = {"x": np.asarray(graph.nodes["features"])[nm],
+           "z": np.asarray(graph.nodes["z"])[nm].astype(np.int64),
+           "pos": np.asarray(graph.nodes["positions"])[nm],
+           "edge_index": edge_index.astype(np.int64),
+           "bond": np.asarray(graph.edges["bond"])[em].astype(np.int64),
+           "batch": np.repeat(np.arange(len(n_node)), n_node),
+           "ptr": np.concatenate([[0], np.cumsum(n_node)])}
+    if "y" in graph.globals:
+        out["y"] = np.asarray(graph.globals["y"])[gm]
+    return out
+
+
+def pyg_batch(arrays: dict[str, np.ndarray]):
+    """A ``torch_geometric.data.Batch`` holding :func:`pyg_arrays`' arrays."""
+    torch, _ = require_torch()
+    from torch_geometric.data import Batch
+
+    return Batch(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def pyg_molecules(gs) -> list:
+    """One ``torch_geometric.data.Data`` per graph of a GraphSet (``globals["y"]`` as ``y``)."""
+    torch, _ = require_torch()
+    from torch_geometric.data import Data
+
+    t = torch.from_numpy
+    nodes = np.split(np.arange(int(gs.n_node.sum())), np.cumsum(gs.n_node)[:-1])
+    edges = np.split(np.arange(int(gs.n_edge.sum())), np.cumsum(gs.n_edge)[:-1])
+    y = np.asarray(gs.globals["y"], np.float32)
+    return [Data(x=t(gs.nodes["features"][n]), z=t(gs.nodes["z"][n].astype(np.int64)),
+                 pos=t(gs.nodes["positions"][n]),
+                 edge_index=t(np.stack([gs.senders[e], gs.receivers[e]]).astype(np.int64)),
+                 bond=t(gs.edges["bond"][e].astype(np.int64)), y=t(y[i:i + 1]))
+            for i, (n, e) in enumerate(zip(nodes, edges, strict=True))]
+
+
+# ----------------------------------------------------------------------------- PyG models
+
+
+def edge_features(bond, dist, *, num_rbf: int, cutoff: float):
+    """torch: ``one_hot(bond, 5) ⊕ gaussian_basis(dist, num_rbf, cutoff)`` [E, 5 + num_rbf]."""
+    torch, _ = require_torch()
+    mu = torch.linspace(0.0, cutoff, num_rbf, dtype=dist.dtype)
+    gamma = 0.5 / (cutoff / (num_rbf - 1)) ** 2
+    rbf = torch.exp(-gamma * (dist[:, None] - mu) ** 2)
+    one_hot = torch.nn.functional.one_hot(bond, NUM_BOND_TYPES).to(dist.dtype)
+    return torch.cat([one_hot, rbf], dim=-1)
+
+
+class _BatchEdges:
+    """PyG SchNet's ``interaction_graph``: the current batch's edges closer than the cutoff."""
+
+    def __init__(self, cutoff: float, bonded_only: bool):
+        self.cutoff, self.bonded_only, self.edge_index, self.bond = cutoff, bonded_only, None, None
+
+    def __call__(self, pos, batch):
+        row, col = self.edge_index
+        dist = (pos[row] - pos[col]).norm(dim=-1)
+        keep = dist < self.cutoff
+        if self.bonded_only:
+            keep = keep & (self.bond != NOT_BONDED)
+        return self.edge_index[:, keep], dist[keep]
+
+
+@functools.cache
+def _classes():
+    torch, _ = require_torch()
+    from torch import nn
+    from torch.nn.functional import relu
+    from torch_geometric.nn import NNConv, Set2Set
+    from torch_geometric.nn.models import SchNet
+
+    class PyGMPNN(nn.Module):
+        """PyG's QM9 NNConv example sized and shaped as our MPNN (``forward(batch) -> [G]``)."""
+
+        def __init__(self, c):
+            super().__init__()
+            if c.readout != "set2set" or c.aggregation not in ("sum", "mean"):
+                raise ValueError("the PyG MPNN peer has a set2set readout and sum/mean "
+                                 f"aggregation, got {c.readout!r}/{c.aggregation!r}")
+            self.c, d = c, c.dim
+            self.lin0 = nn.Linear(c.num_features, d)
+            edge_nn = nn.Sequential(nn.Linear(NUM_BOND_TYPES + c.num_rbf, c.edge_hidden),
+                                    nn.ReLU(), nn.Linear(c.edge_hidden, d * d))
+            self.conv = NNConv(d, d, edge_nn, aggr={"sum": "add"}.get(c.aggregation, "mean"),
+                               root_weight=False, bias=False)
+            self.gru = nn.GRU(d, d)
+            self.set2set = Set2Set(d, processing_steps=c.set2set_steps)
+            self.lin1, self.lin2 = nn.Linear(2 * d, d), nn.Linear(d, 1)
+
+        def forward(self, data):
+            c, edge_index, bond = self.c, data.edge_index, data.bond
+            if c.bonded_only:
+                keep = bond != NOT_BONDED
+                edge_index, bond = edge_index[:, keep], bond[keep]
+            dist = (data.pos[edge_index[0]] - data.pos[edge_index[1]]).norm(dim=-1)
+            e = edge_features(bond, dist, num_rbf=c.num_rbf, cutoff=c.cutoff)
+            out = relu(self.lin0(data.x))
+            h = out.unsqueeze(0)
+            for _ in range(c.steps):
+                m = relu(self.conv(out, edge_index, e))
+                out, h = self.gru(m.unsqueeze(0), h)
+                out = out.squeeze(0)
+            out = self.set2set(out, data.batch, dim_size=data.num_graphs)
+            return self.lin2(relu(self.lin1(out))).view(-1)
+
+    class PyGSchNet(nn.Module):
+        """PyG's SchNet with our config and the batch's own edges (``forward(batch) -> [G]``)."""
+
+        def __init__(self, c):
+            super().__init__()
+            self.edges = _BatchEdges(c.cutoff, c.bonded_only)
+            self.net = SchNet(hidden_channels=c.dim, num_filters=c.num_filters,
+                              num_interactions=c.interactions, num_gaussians=c.num_rbf,
+                              cutoff=c.cutoff, interaction_graph=self.edges, readout="add")
+
+        def forward(self, data):
+            self.edges.edge_index, self.edges.bond = data.edge_index, data.bond
+            return self.net(data.z, data.pos, data.batch).view(-1)
+
+    return {"mpnn": PyGMPNN, "schnet": PyGSchNet}
+
+
+def build_pyg(name: str, config=None, *, seed: int = 0):
+    """The PyG peer of our model ``name`` (``config``: ours, default its default config)."""
+    torch, _ = require_torch()
+    from mpattn.models import default_config
+
+    if name not in MODELS:
+        raise ValueError(f"no PyG peer for {name!r}; choose from {list(MODELS)}")
+    torch.manual_seed(seed)
+    return _classes()[name](config or default_config(name))
+
+
+def torch_params(model) -> int:
+    """Trainable parameters of a torch module."""
+    return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+# ----------------------------------------------------------------------------- throughput
+
+
+def pyg_mse_step(model, opt, batch) -> float:
+    """One PyG train step as ours in ``mse_adam_steps``: forward, MSE, backward, optimizer
+    step; returns the loss before the step."""
+    torch, _ = require_torch()
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(batch), batch.y)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def measure_pyg(model, batches: list, lr: float = 1e-3) -> dict:
+    """Train (MSE + Adam) and inference throughput of a PyG model over converted batches."""
+    torch, _ = require_torch()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+
+    def step(b):
+        return pyg_mse_step(model, opt, b)
+
+    def infer(b):
+        with torch.inference_mode():
+            return model(b)
+
+    mols = sum(int(b.num_graphs) for b in batches)
+    out = {"params": torch_params(model), "molecules": mols}
+    for kind, fn in (("train", step), ("infer", infer)):
+        model.train(kind == "train")
+        t0 = time.perf_counter()
+        fn(batches[0])  # warm-up
+        out[f"warmup_s_{kind}"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for b in batches:
+            fn(b)
+        out[f"{kind}_mol_per_s"] = mols / (time.perf_counter() - t0)
+    return out
+
+
+def measure_pair(name: str, gs, batch_size: int, batches: int) -> dict:
+    """Ours (``benchmarks.speed.measure``) and PyG's peer on the same batches: one table row."""
+    from benchmarks.speed import _batches, measure
+
+    ours = measure(name, gs, batch_size, batches)
+    data = [pyg_batch(pyg_arrays(b)) for b in _batches(gs, batch_size, batches)]
+    pyg = measure_pyg(build_pyg(name), data)
+    if pyg["molecules"] != ours["molecules"]:
+        raise RuntimeError(f"{name}: PyG saw {pyg['molecules']} molecules, ours "
+                           f"{ours['molecules']}")
+    return {"model": name, "batch_size": batch_size, "molecules": ours["molecules"],
+            "ours": ours, "pyg": pyg,
+            "train_ratio": ratio(ours["train_mol_per_s"], pyg["train_mol_per_s"]),
+            "infer_ratio": ratio(ours["infer_mol_per_s"], pyg["infer_mol_per_s"])}
+
+
+SPEED_HEADER = (f"{'model':8s} {'batch':>5s} {'params ours/PyG':>17s} | {'train mol/s ours':>16s} "
+                f"{'PyG':>7s} {'ratio':>6s} | {'infer mol/s ours':>16s} {'PyG':>7s} "
+                f"{'ratio':>6s} | {'compile s':>9s}")
+
+
+def format_speed_row(r: dict) -> str:
+    """One line of the throughput table (compile s: ours, train + inference)."""
+    o, p = r["ours"], r["pyg"]
+    params = f"{o['params']:,}/{p['params']:,}"
+    return (f"{r['model']:8s} {r['batch_size']:5d} {params:>17s} | {o['train_mol_per_s']:16.1f} "
+            f"{p['train_mol_per_s']:7.1f} {r['train_ratio']:5.2f}x | "
+            f"{o['infer_mol_per_s']:16.1f} {p['infer_mol_per_s']:7.1f} {r['infer_ratio']:5.2f}x "
+            f"| {o['compile_s_train'] + o['compile_s_infer']:9.1f}")
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+
+def _predict(model, data: list, batch_size: int = 256) -> np.ndarray:
+    torch, _ = require_torch()
+    from torch_geometric.loader import DataLoader
+
+    model.eval()
+    with torch.inference_mode():
+        out = [model(b).double().numpy() for b in DataLoader(data, batch_size=batch_size)]
+    return np.concatenate(out)
+
+
+def train_pyg(name: str, prepared, *, minutes: float, epochs: int, batch_size: int = 32,
+              lr: float = 1e-3, clip_norm: float = 10.0, seed: int = 0, config=None,
+              progress: bool = True) -> dict:
+    """Train the PyG peer on ``prepare``'s data for ``epochs`` or ``minutes``; best-by-val.
+
+    Returns:
+        ``epochs`` (updates / updates per epoch), ``steps``, ``mol_per_s`` (training molecules
+        over the wall time of the training batches, loading included), ``seconds`` (the
+        clock: training + per-epoch validation), ``val_mae_mev``/``test_mae_mev`` of the
+        weights with the best validation MAE, ``val_history`` (each validation), ``params``.
+        ``config``: our model config the peer copies (default: the model's default).
+    """
+    torch, _ = require_torch()
+    from torch_geometric.loader import DataLoader
+    from tqdm.auto import tqdm
+
+    from mpattn.train.metrics import error_report
+
+    def mae(part, data) -> float:
+        pred = prepared.transform.decode(_predict(model, data), part.counts)
+        return error_report(pred, part.true, n_atoms=part.n_atoms)["mae_mev"]
+
+    model = build_pyg(name, config, seed=seed)
+    train, val = pyg_molecules(prepared.train.graphs), pyg_molecules(prepared.val.graphs)
+    loader = DataLoader(train, batch_size=batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    spe = len(loader)
+    lrs = lr_values(lr, steps_per_epoch=spe, epochs=epochs)
+    opt = torch.optim.Adam(model.parameters(), lr=float(lrs[0]))
+    best, best_state, step, mols, train_s, stop = math.inf, None, 0, 0, 0.0, False
+    history = []
+    t_start = time.perf_counter()
+    with tqdm(total=spe * epochs, desc=f"PyG {name}", unit="step", disable=not progress) as bar:
+        for _ in range(epochs):
+            model.train()
+            t0 = time.perf_counter()
+            for b in loader:
+                for group in opt.param_groups:
+                    group["lr"] = float(lrs[min(step, len(lrs) - 1)])
+                opt.zero_grad()
+                loss = torch.nn.functional.l1_loss(model(b), b.y)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+                opt.step()
+                step, mols = step + 1, mols + int(b.num_graphs)
+                bar.update(1)
+                if time.perf_counter() - t_start >= 60.0 * minutes:
+                    stop = True
+                    break
+            train_s += time.perf_counter() - t0
+            val_mae = mae(prepared.val, val)
+            history.append(val_mae)
+            if val_mae < best:
+                best, best_state = val_mae, copy.deepcopy(model.state_dict())
+            bar.set_postfix(val_mae=f"{val_mae:.1f}", mol_s=f"{mols / train_s:.0f}")
+            if stop:
+                break
+    seconds = time.perf_counter() - t_start
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return {"epochs": step / spe, "steps": step, "mol_per_s": mols / train_s, "seconds": seconds,
+            "val_mae_mev": mae(prepared.val, val),
+            "test_mae_mev": mae(prepared.test, pyg_molecules(prepared.test.graphs)),
+            "val_history": history, "params": torch_params(model)}
+
+
+def _ours_row(model: str, results: dict, planned: int | None) -> dict:
+    return {"model": model, "framework": "ours", "epochs": results["epochs"],
+            "planned_epochs": planned, "mol_per_s": results["train_mol_per_s"],
+            "seconds": results["train_seconds"], "val_mae_mev": results["val"]["mae_mev"],
+            "test_mae_mev": results["test"]["mae_mev"], "params": results["params"]}
+
+
+def accuracy_rows(models, speed: dict, *, minutes: float, batch_size: int, workdir: Path,
+                  preset_row: bool = True, progress: bool = True) -> list[dict]:
+    """Test MAE after ``minutes`` of training for ours and PyG (see the module docstring).
+
+    Args:
+        models: Model names (each with a PyG peer).
+        speed: ``(model, framework) -> train mol/s`` at ``batch_size`` (plans the epochs).
+        minutes: Training time per run.
+        batch_size: Training batch size.
+        workdir: Folder for ``run_qm9``'s outputs and the shared split file.
+    """
+    from mpattn.data.qm9 import load_qm9, make_split, save_split
+    from mpattn.train.experiment import PRESETS, run_qm9
+    from mpattn.train.loop import TrainConfig, prepare
+
+    ms = load_qm9(progress=False)
+    split = make_split(ms.ids, sizes=SIZES, seed=0)
+    split_file = save_split(split, workdir / "split.json")  # every run_qm9 reads this split
+    rows, prepared = [], None
+    for name in models:
+        cfg = TrainConfig(model=name, loss="l1", schedule="cosine", batch_size=batch_size,
+                          ema_decay=None, time_budget_min=minutes)
+        if prepared is None:
+            prepared = prepare(ms, split, cfg)
+        plan = {fw: planned_epochs(minutes, speed[name, fw], SIZES[0]) for fw in ("ours", "pyg")}
+        res = run_qm9(dataclasses.replace(cfg, epochs=plan["ours"]), workdir=workdir / name,
+                      split_file=split_file, progress=progress)
+        rows.append(_ours_row(name, res, plan["ours"]))
+        print(format_accuracy_row(rows[-1]), flush=True)
+        pyg = train_pyg(name, prepared, minutes=minutes, epochs=plan["pyg"],
+                        batch_size=batch_size, lr=cfg.lr, clip_norm=cfg.clip_norm,
+                        seed=cfg.seed, progress=progress)
+        rows.append({"model": name, "framework": "pyg", "planned_epochs": plan["pyg"], **pyg})
+        print(format_accuracy_row(rows[-1]), flush=True)
+    if preset_row:
+        p = PRESETS["cpu"]
+        cfg = dataclasses.replace(p.train, model="mhmp", time_budget_min=minutes)
+        res = run_qm9(cfg, workdir=workdir / "mhmp-cpu-preset", split_file=split_file,
+                      preset="cpu", progress=progress)
+        rows.append(_ours_row("mhmp (cpu preset)", res, cfg.epochs))
+        print(format_accuracy_row(rows[-1]), flush=True)
+    return rows
+
+
+ACCURACY_HEADER = (f"{'model':18s} {'framework':9s} {'epochs':>11s} {'mol/s':>7s} "
+                   f"{'seconds':>8s} {'val MAE meV':>11s} {'test MAE meV':>12s}")
+
+
+def format_accuracy_row(r: dict) -> str:
+    """One line of the accuracy table (epochs as done/planned)."""
+    epochs = f"{r['epochs']:.4g}/{r['planned_epochs']}"
+    return (f"{r['model']:18s} {r['framework']:9s} {epochs:>11s} {r['mol_per_s']:7.1f} "
+            f"{r['seconds']:8.0f} {r['val_mae_mev']:11.1f} {r['test_mae_mev']:12.1f}")
+
+
+def plot_accuracy(rows: list[dict], path: Path, minutes: float) -> None:
+    """Bar plot of test MAE per model, ours vs PyG (log scale above a 10x spread)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for fw, label, color in (("ours", "mpattn (JAX)", "C0"), ("pyg", "PyG", "C1")):
+        xs, ys = [], []
+        for i, n in enumerate(names):
+            have = {r["framework"]: r["test_mae_mev"] for r in rows if r["model"] == n}
+            if fw in have:  # side by side where both ran, centred where one did
+                xs.append(i + (0.0 if len(have) == 1 else (-0.2 if fw == "ours" else 0.2)))
+                ys.append(have[fw])
+        bars = ax.bar(xs, ys, width=0.4, label=label, color=color)
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    maes = [r["test_mae_mev"] for r in rows]
+    if max(maes) > 10 * min(maes):
+        ax.set_yscale("log")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("test MAE, U0 (meV)")
+    ax.set_title(f"QM9 U0 after {minutes:g} min of training")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.peers",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 128])
+    ap.add_argument("--batches", type=int, default=8, help="timed batches per model and size")
+    ap.add_argument("--molecules", type=int, default=2000,
+                    help="QM9 molecules drawn at random (seeded) for the throughput part")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="also train each model this long and report test MAE")
+    ap.add_argument("--batch-size", type=int, default=32, help="training batch of --minutes")
+    ap.add_argument("--no-preset-row", action="store_true",
+                    help="skip the 'mhmp (cpu preset)' row of --minutes")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="run_qm9 outputs of --minutes (default: a temporary folder)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="folder of the JSON/PNG (default benchmarks/results)")
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        torch, pyg = require_torch()
+    except ImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from benchmarks.common import RESULTS, write_result
+    from benchmarks.models import _qm9_graphs
+
+    torch.set_num_threads(args.threads)
+    sizes = list(dict.fromkeys(args.batch_sizes + ([args.batch_size] if args.minutes else [])))
+    gs = _qm9_graphs(args.molecules, "complete")
+    print(SPEED_HEADER, flush=True)
+    rows = []
+    for name in args.models:
+        for bs in sizes:
+            rows.append(measure_pair(name, gs, bs, args.batches))
+            print(format_speed_row(rows[-1]), flush=True)
+    payload = {"edge_set": "complete", "molecules": args.molecules, "batches": args.batches,
+               "torch": torch.__version__, "torch_geometric": pyg.__version__,
+               "torch_threads": torch.get_num_threads(), "rows": rows}
+    if args.minutes:
+        speed = {(r["model"], fw): r[fw]["train_mol_per_s"] for r in rows
+                 if r["batch_size"] == args.batch_size for fw in ("ours", "pyg")}
+        with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
+            workdir = args.workdir or Path(tmp)
+            workdir.mkdir(parents=True, exist_ok=True)
+            print(ACCURACY_HEADER, flush=True)
+            acc = accuracy_rows(args.models, speed, minutes=args.minutes,
+                                batch_size=args.batch_size, workdir=workdir,
+                                preset_row=not args.no_preset_row)
+        print(ACCURACY_HEADER)
+        print("\n".join(format_accuracy_row(r) for r in acc))
+        payload["accuracy"] = {"minutes": args.minutes, "batch_size": args.batch_size,
+                               "split": list(SIZES), "target": "U0", "rows": acc}
+    if not args.no_save:
+        path = write_result("peers", payload, directory=args.out or RESULTS)
+        if args.minutes:
+            plot_accuracy(payload["accuracy"]["rows"], path.with_suffix(".png"), args.minutes)
+        print(f"wrote {path}" + (" and .png" if args.minutes else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

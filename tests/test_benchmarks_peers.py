@@ -1,0 +1,353 @@
+"""Tests of benchmarks/peers.py: planned epochs, ratios and tables, batch conversion, the
+missing-torch error (all without torch), and with PyG installed: parameter counts, the PyG
+peers computing our models' function given our weights, a train step, the equal-time loop."""
+
+from __future__ import annotations
+
+import builtins
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks.peers import (
+    ACCURACY_HEADER,
+    SPEED_HEADER,
+    format_accuracy_row,
+    format_speed_row,
+    lr_values,
+    main,
+    planned_epochs,
+    pyg_arrays,
+    ratio,
+    require_torch,
+)
+from mpattn.graph import Budget, pad_batch
+
+
+@pytest.mark.parametrize(("minutes", "mol_s", "n_train", "expected"), [
+    (10, 163.0, 15_000, 6),     # 97,800 molecules: 6.52 epochs
+    (10, 250.0, 15_000, 10),    # exactly 10
+    (1, 250.0, 15_000, 1),      # exactly 1
+    (0.1, 250.0, 1_500, 1),     # 0.1 * 60 is 6.000000000000001: still 1
+    (0.7, 100.0, 1_400, 3),     # 4,200 / 1,400 = 3 exactly (0.7 * 60 rounds below 42)
+    (10, 20.0, 15_000, 1),      # 0.8 epochs: the floor of 1
+    (0.2, 26.0, 15_000, 1),     # 0.02 epochs
+])
+def test_planned_epochs_hand_values(minutes, mol_s, n_train, expected):
+    assert planned_epochs(minutes, mol_s, n_train) == expected
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ((0, 100.0, 10), "planned_epochs: minutes must be positive and finite, got 0"),
+    ((1, float("nan"), 10), "planned_epochs: mol_per_s must be positive and finite, got nan"),
+    ((1, -3.0, 10), "planned_epochs: mol_per_s must be positive and finite, got -3.0"),
+    ((1, 100.0, 0), "planned_epochs: n_train must be a positive integer, got 0"),
+    ((1, 100.0, 2.5), "planned_epochs: n_train must be a positive integer, got 2.5"),
+])
+def test_planned_epochs_rejects_bad_inputs(args, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        planned_epochs(*args)
+
+
+def test_ratio_and_its_error():
+    np.testing.assert_allclose(ratio(163.0, 26.0), 6.269230769230769, rtol=1e-15)
+    np.testing.assert_allclose(ratio(217.0, 252.0), 0.8611111111111112, rtol=1e-15)
+    with pytest.raises(ValueError, match=r"^ratio: the peer's throughput must be positive, "
+                                         r"got 0.0$"):
+        ratio(1.0, 0.0)
+
+
+def _speed_row():
+    ours = {"params": 614_529, "train_mol_per_s": 163.04, "infer_mol_per_s": 812.0,
+            "compile_s_train": 9.25, "compile_s_infer": 3.0}
+    pyg = {"params": 614_977, "train_mol_per_s": 26.0, "infer_mol_per_s": 100.0}
+    return {"model": "mpnn", "batch_size": 128, "ours": ours, "pyg": pyg,
+            "train_ratio": ratio(163.04, 26.0), "infer_ratio": ratio(812.0, 100.0)}
+
+
+def test_format_speed_row_fields_and_alignment():
+    line = format_speed_row(_speed_row())
+    head, train, infer, comp = (part.split() for part in line.split("|"))
+    assert head == ["mpnn", "128", "614,529/614,977"]
+    assert train == ["163.0", "26.0", "6.27x"]
+    assert infer == ["812.0", "100.0", "8.12x"]
+    assert comp == ["12.2"]  # 9.25 + 3.0
+    assert [i for i, c in enumerate(line) if c == "|"] == [
+        i for i, c in enumerate(SPEED_HEADER) if c == "|"]
+
+
+def test_format_accuracy_row_fields():
+    row = {"model": "mhmp (cpu preset)", "framework": "ours", "epochs": 3.5, "planned_epochs": 6,
+           "mol_per_s": 151.26, "seconds": 599.6, "val_mae_mev": 40.04, "test_mae_mev": 41.96}
+    line = format_accuracy_row(row)
+    assert line.split()[3:] == ["ours", "3.5/6", "151.3", "600", "40.0", "42.0"]
+    assert line.startswith("mhmp (cpu preset)  ours")
+    assert len(line) == len(ACCURACY_HEADER)
+
+
+def test_lr_values_are_our_cosine_schedule_step_by_step():
+    from mpattn.train.schedules import make_schedule
+
+    spe, epochs, lr = 7, 3, 1e-3
+    got = lr_values(lr, steps_per_epoch=spe, epochs=epochs)
+    sched = make_schedule(lr, "cosine", steps_per_epoch=spe, epochs=epochs)
+    assert got.shape == (spe * epochs + 1,)
+    np.testing.assert_allclose(got, [float(sched(k)) for k in range(spe * epochs + 1)],
+                               rtol=1e-5, atol=1e-12)  # float32 schedule arithmetic
+    # warm-up from 0 over one epoch to the peak, cosine down to final_lr = 1e-6
+    np.testing.assert_allclose(got[[0, spe, spe * epochs]], [0.0, lr, 1e-6], rtol=1e-6, atol=0)
+
+
+def test_pyg_arrays_drops_padding_and_matches_per_graph_loops(qm9_graphset):
+    gs = qm9_graphset
+    index = np.array([5, 0, 17, 3])
+    n = int(gs.n_node[index].sum())
+    e = int(gs.n_edge[index].sum())
+    graph = pad_batch(gs, index, Budget(n_node=n + 40, n_edge=e + 100, n_graph=7))
+    graph = graph._replace(globals={"y": np.arange(7, dtype=np.float32)})
+    got = pyg_arrays(graph)
+    # plain loops over the graphs, one at a time, with their nodes renumbered by hand
+    xs, zs, pos, src, dst, bonds, batch = [], [], [], [], [], [], []
+    offset = 0
+    for k, i in enumerate(index):
+        g = gs.graph(int(i))
+        xs.append(g.nodes["features"])
+        zs.append(g.nodes["z"])
+        pos.append(g.nodes["positions"])
+        for s, r, b in zip(g.senders, g.receivers, g.edges["bond"], strict=True):
+            src.append(int(s) + offset)
+            dst.append(int(r) + offset)
+            bonds.append(int(b))
+        batch += [k] * int(g.n_node[0])
+        offset += int(g.n_node[0])
+    assert set(got) == {"x", "z", "pos", "edge_index", "bond", "batch", "ptr", "y"}
+    np.testing.assert_array_equal(got["edge_index"], np.array([src, dst]))
+    assert got["edge_index"].dtype == np.int64 and got["edge_index"].shape == (2, e)
+    np.testing.assert_array_equal(got["batch"], batch)
+    np.testing.assert_array_equal(got["ptr"], np.concatenate([[0], np.cumsum(gs.n_node[index])]))
+    np.testing.assert_array_equal(got["x"], np.concatenate(xs))
+    np.testing.assert_array_equal(got["z"], np.concatenate(zs))
+    np.testing.assert_array_equal(got["pos"], np.concatenate(pos))
+    np.testing.assert_array_equal(got["bond"], bonds)
+    np.testing.assert_array_equal(got["y"], [0.0, 1.0, 2.0, 3.0])  # padding graphs dropped
+
+
+@pytest.mark.parametrize("hidden", [("torch", "torch_geometric"), ("torch_geometric",)])
+def test_missing_torch_names_the_bench_extra(hidden, monkeypatch, capsys):
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):  # an import statement always calls __import__
+        if name.split(".")[0] in hidden:
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    hint = r'install them with: pip install -e "\.\[bench\]"$'
+    with pytest.raises(ImportError, match=r"^benchmarks\.peers needs PyTorch and PyTorch "
+                                          rf"Geometric \(No module named '{hidden[0]}'\); "
+                                          + hint):
+        require_torch()
+    assert main(["--no-save"]) == 2  # before any QM9 loading
+    assert capsys.readouterr().err.strip().endswith('pip install -e ".[bench]"')
+    with pytest.raises(SystemExit) as exit_info:  # --help needs neither torch nor PyG
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--minutes" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------- with PyTorch Geometric
+
+
+def _copy_mpnn(ours, peer):
+    """Our MPNN's weights into the PyG peer (torch's redundant second biases set to 0)."""
+    import torch
+
+    def t(x):
+        return torch.tensor(np.asarray(x[...]))
+
+    cell, lstm = ours.update.cell, ours.readout.lstm
+    zero = torch.zeros
+    d, k = ours.config.dim, ours.config.edge_hidden
+    pairs = {
+        "lin0.weight": t(ours.embed.linear.kernel).T, "lin0.bias": t(ours.embed.linear.bias),
+        "conv.nn.0.weight": t(ours.message.edge_mlp.kernel).T,
+        "conv.nn.0.bias": t(ours.message.edge_mlp.bias),
+        "conv.nn.2.weight": t(ours.message.M).reshape(k, d * d).T,
+        "conv.nn.2.bias": t(ours.message.B).reshape(d * d),
+        "gru.weight_ih_l0": t(cell.dense_i.kernel).T, "gru.bias_ih_l0": t(cell.dense_i.bias),
+        "gru.weight_hh_l0": t(cell.dense_h.kernel).T, "gru.bias_hh_l0": zero(3 * d),
+        "set2set.lstm.weight_ih_l0": torch.cat(
+            [t(getattr(lstm, g).kernel) for g in ("ii", "if_", "ig", "io")], 1).T,
+        "set2set.lstm.weight_hh_l0": torch.cat(
+            [t(getattr(lstm, g).kernel) for g in ("hi", "hf", "hg", "ho")], 1).T,
+        "set2set.lstm.bias_hh_l0": torch.cat(
+            [t(getattr(lstm, g).bias) for g in ("hi", "hf", "hg", "ho")]),
+        "set2set.lstm.bias_ih_l0": zero(4 * d),
+        "lin1.weight": t(ours.hidden.kernel).T, "lin1.bias": t(ours.hidden.bias),
+        "lin2.weight": t(ours.final.kernel).T, "lin2.bias": t(ours.final.bias),
+    }
+    assert set(pairs) == set(peer.state_dict())
+    peer.load_state_dict(pairs)
+
+
+def _copy_schnet(ours, peer):
+    import torch
+
+    def t(x):
+        return torch.tensor(np.asarray(x[...]))
+
+    pairs = {"net.embedding.weight": t(ours.embed.table.embedding)[:100],
+             "net.lin1.weight": t(ours.readout.hidden.kernel).T,
+             "net.lin1.bias": t(ours.readout.hidden.bias),
+             "net.lin2.weight": t(ours.readout.final.kernel).T,
+             "net.lin2.bias": t(ours.readout.final.bias)}
+    for i, block in enumerate(ours.interactions):
+        p = f"net.interactions.{i}."
+        for name, lin in (("mlp.0", block.conv.filter_in), ("mlp.2", block.conv.filter_out),
+                          ("conv.lin2", block.f2out), ("lin", block.dense)):
+            pairs[p + name + ".weight"], pairs[p + name + ".bias"] = t(lin.kernel).T, t(lin.bias)
+        pairs[p + "conv.lin1.weight"] = t(block.in2f.kernel).T
+    state = peer.state_dict()
+    pairs.update({k: v for k, v in state.items() if k not in pairs})  # buffers (offsets)
+    assert not [k for k in pairs if k not in state]
+    peer.load_state_dict(pairs)
+
+
+SMALL = {"mpnn": {"dim": 8, "edge_hidden": 16, "steps": 2, "set2set_steps": 2},
+         "schnet": {"dim": 16, "num_filters": 12, "interactions": 2, "num_rbf": 10,
+                    "cutoff": 4.0}}  # a cutoff inside the molecules: PyG drops far pairs
+
+
+@pytest.mark.parametrize("name", ["mpnn", "schnet"])
+def test_pyg_peer_computes_our_model_given_our_weights(name, qm9_graphset):
+    pytest.importorskip("torch_geometric")
+    import jax
+    import torch
+    from flax import nnx
+
+    from benchmarks.peers import build_pyg, pyg_batch
+    from mpattn.models import create_model, default_config
+
+    config = default_config(name, **SMALL[name])
+    ours = create_model(name, rngs=nnx.Rngs(3), config=config)
+    peer = build_pyg(name, config)
+    (_copy_mpnn if name == "mpnn" else _copy_schnet)(ours, peer)
+    index = np.array([40, 2, 399, 123, 7])
+    n, e = int(qm9_graphset.n_node[index].sum()), int(qm9_graphset.n_edge[index].sum())
+    graph = pad_batch(qm9_graphset, index, Budget(n_node=n + 9, n_edge=e + 30, n_graph=8))
+    if name == "schnet":  # the cutoff really drops pairs of these molecules
+        pos = graph.nodes["positions"]
+        d = np.linalg.norm(pos[graph.senders[:e]] - pos[graph.receivers[:e]], axis=-1)
+        assert 0 < (d >= config.cutoff).sum() < e
+    want = np.asarray(jax.jit(ours)(graph))[:5]
+    with torch.no_grad():
+        got = peer(pyg_batch(pyg_arrays(graph))).numpy()
+    assert got.shape == (5,)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_parameter_counts_agree_within_one_percent():
+    pytest.importorskip("torch_geometric")
+    import jax
+    from flax import nnx
+
+    from benchmarks.peers import build_pyg, torch_params
+    from mpattn.models import create_model
+
+    counts = {}
+    for name in ("mpnn", "schnet"):
+        ours = nnx.eval_shape(lambda name=name: create_model(name, rngs=nnx.Rngs(0)))
+        counts[name] = (sum(x.size for x in jax.tree.leaves(nnx.state(ours, nnx.Param))),
+                        torch_params(build_pyg(name)))
+        print(f"{name:8s} ours {counts[name][0]:>9,d}  PyG {counts[name][1]:>9,d}")
+    # the docstring's accounting: torch's GRU (3d) and LSTM (4d) second biases, d = 64;
+    # PyG's SchNet embeds 100 elements, ours max_z + 1 = 101 (d = 128)
+    assert counts["mpnn"][1] - counts["mpnn"][0] == 3 * 64 + 4 * 64
+    assert counts["schnet"][0] - counts["schnet"][1] == 128
+    for ours_n, pyg_n in counts.values():
+        np.testing.assert_allclose(pyg_n, ours_n, rtol=0.01)
+
+
+def test_edge_features_match_our_basis():
+    pytest.importorskip("torch_geometric")
+    import torch
+
+    from benchmarks.peers import edge_features
+    from mpattn.nn.radial import gaussian_basis
+
+    dist = np.array([0.0, 0.96, 1.4, 2.5, 5.0, 7.3], np.float32)
+    bond = np.array([0, 1, 2, 3, 4, 4])
+    got = edge_features(torch.from_numpy(bond), torch.from_numpy(dist), num_rbf=16,
+                        cutoff=5.0).numpy()
+    want = np.concatenate([np.eye(5)[bond], gaussian_basis(dist, num=16, cutoff=5.0)], -1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_one_pyg_train_step_lowers_the_loss(qm9_graphset):
+    pytest.importorskip("torch_geometric")
+    import torch
+
+    from benchmarks.peers import build_pyg, pyg_batch, pyg_mse_step
+    from mpattn.models import default_config
+
+    index = np.arange(16)
+    n, e = int(qm9_graphset.n_node[index].sum()), int(qm9_graphset.n_edge[index].sum())
+    graph = pad_batch(qm9_graphset, index, Budget(n_node=n + 1, n_edge=e, n_graph=17))
+    u0 = qm9_graphset.globals["U0"][index]
+    y = np.zeros(17, np.float32)
+    y[:16] = (u0 - u0.mean()) / u0.std()
+    batch = pyg_batch(pyg_arrays(graph._replace(globals={"y": y})))
+    for name in ("mpnn", "schnet"):
+        model = build_pyg(name, default_config(name, **SMALL[name]))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        before = pyg_mse_step(model, opt, batch)
+        with torch.no_grad():
+            after = float(torch.nn.functional.mse_loss(model(batch), batch.y))
+        assert after < before, name
+        np.testing.assert_allclose(pyg_mse_step(model, opt, batch), after, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_prepared(qm9_molset):
+    from mpattn.data.qm9 import make_split
+    from mpattn.train.loop import TrainConfig, prepare
+
+    split = make_split(qm9_molset.ids, sizes=(40, 16, 16), seed=0)
+    return prepare(qm9_molset, split, TrainConfig(model="mpnn"))
+
+
+def test_train_pyg_keeps_the_best_validation_weights(tiny_prepared):
+    pytest.importorskip("torch_geometric")
+    from benchmarks.peers import train_pyg
+    from mpattn.models import default_config
+
+    out = train_pyg("mpnn", tiny_prepared, minutes=10, epochs=3, batch_size=16,
+                    config=default_config("mpnn", **SMALL["mpnn"]), progress=False)
+    assert out["steps"] == 9 and out["epochs"] == 3  # ceil(40 / 16) = 3 updates per epoch
+    assert len(out["val_history"]) == 3
+    np.testing.assert_allclose(out["val_mae_mev"], min(out["val_history"]), rtol=1e-9)
+    assert math.isfinite(out["test_mae_mev"]) and out["mol_per_s"] > 0
+
+
+def test_train_pyg_stops_after_the_batch_that_ends_past_the_budget(tiny_prepared):
+    pytest.importorskip("torch_geometric")
+    from benchmarks.peers import train_pyg
+    from mpattn.models import default_config
+
+    out = train_pyg("schnet", tiny_prepared, minutes=1e-9, epochs=5, batch_size=16,
+                    config=default_config("schnet", **SMALL["schnet"]), progress=False)
+    assert out["steps"] == 1
+    np.testing.assert_allclose(out["epochs"], 1 / 3, rtol=1e-12)
+    assert len(out["val_history"]) == 1  # validated once, after stopping
+
+
+def test_plot_accuracy_writes_a_png(tmp_path):
+    from benchmarks.peers import plot_accuracy
+
+    rows = [{"model": "mpnn", "framework": "ours", "test_mae_mev": 40.0},
+            {"model": "mpnn", "framework": "pyg", "test_mae_mev": 900.0},
+            {"model": "mhmp (cpu preset)", "framework": "ours", "test_mae_mev": 35.0}]
+    path = tmp_path / "peers.png"
+    plot_accuracy(rows, path, minutes=10)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
