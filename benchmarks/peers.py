@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import functools
 import math
 import os
 import sys
@@ -63,27 +62,21 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ACCURACY_HEADER", "SPEED_HEADER", "accuracy_rows", "build_pyg", "edge_features",
-           "format_accuracy_row", "format_speed_row", "lr_values", "main", "measure_pair",
-           "measure_pyg", "planned_epochs", "plot_accuracy", "pyg_arrays", "pyg_batch",
-           "pyg_molecules", "pyg_mse_step", "ratio", "require_torch", "torch_params",
-           "train_pyg"]
+from benchmarks.pyg_models import (
+    MODELS,
+    build_pyg,
+    pyg_arrays,
+    pyg_batch,
+    pyg_molecules,
+    require_torch,
+    torch_params,
+)
 
-MODELS = ("mpnn", "schnet")
+__all__ = ["ACCURACY_HEADER", "SPEED_HEADER", "accuracy_rows", "format_accuracy_row",
+           "format_speed_row", "lr_values", "main", "measure_pair", "measure_pyg",
+           "planned_epochs", "plot_accuracy", "pyg_mse_step", "ratio", "train_pyg"]
+
 SIZES = (15_000, 1_000, 5_000)  # the cpu preset's split
-NUM_BOND_TYPES, NOT_BONDED = 5, 4
-INSTALL_HINT = 'pip install -e ".[bench]"'
-
-
-def require_torch():
-    """``(torch, torch_geometric)``, or an ImportError that says how to install them."""
-    try:
-        import torch
-        import torch_geometric
-    except ImportError as exc:
-        raise ImportError(f"benchmarks.peers needs PyTorch and PyTorch Geometric ({exc}); "
-                          f"install them with: {INSTALL_HINT}") from exc
-    return torch, torch_geometric
 
 
 def planned_epochs(minutes: float, mol_per_s: float, n_train: int) -> int:
@@ -118,164 +111,6 @@ def lr_values(lr: float, *, steps_per_epoch: int, epochs: int) -> np.ndarray:
 
     sched = make_schedule(lr, "cosine", steps_per_epoch=steps_per_epoch, epochs=epochs)
     return np.asarray(sched(jnp.arange(steps_per_epoch * epochs + 1)), np.float64)
-
-
-# ----------------------------------------------------------------------------- batches
-
-
-def pyg_arrays(graph) -> dict[str, np.ndarray]:
-    """The real molecules of a padded jraph batch as the numpy arrays of a PyG ``Batch``.
-
-    Returns:
-        ``x`` [n, F], ``z`` int64 [n], ``pos`` [n, 3], ``edge_index`` int64 [2, e] (row 0 our
-        senders, row 1 our receivers: PyG's source -> target), ``bond`` int64 [e], ``batch``
-        int64 [n] (molecule of each atom), ``ptr`` int64 [g + 1] and ``y`` [g] if the batch
-        has ``globals["y"]``; padding nodes, edges and graphs dropped.
-    """
-    from mpattn.graph import edge_mask, graph_mask, node_mask
-
-    nm, em, gm = (np.asarray(f(graph)) for f in (node_mask, edge_mask, graph_mask))
-    n_node = np.asarray(graph.n_node)[gm].astype(np.int64)
-    edge_index = np.stack([np.asarray(graph.senders)[em], np.asarray(graph.receivers)[em]])
-    if edge_index.size and edge_index.max() >= nm.sum():  # real nodes come first (jraph)
-        raise ValueError("pyg_arrays: a real edge points at a padding node")
-    out = {"x": np.asarray(graph.nodes["features"])[nm],
-           "z": np.asarray(graph.nodes["z"])[nm].astype(np.int64),
-           "pos": np.asarray(graph.nodes["positions"])[nm],
-           "edge_index": edge_index.astype(np.int64),
-           "bond": np.asarray(graph.edges["bond"])[em].astype(np.int64),
-           "batch": np.repeat(np.arange(len(n_node)), n_node),
-           "ptr": np.concatenate([[0], np.cumsum(n_node)])}
-    if "y" in graph.globals:
-        out["y"] = np.asarray(graph.globals["y"])[gm]
-    return out
-
-
-def pyg_batch(arrays: dict[str, np.ndarray]):
-    """A ``torch_geometric.data.Batch`` holding :func:`pyg_arrays`' arrays."""
-    torch, _ = require_torch()
-    from torch_geometric.data import Batch
-
-    return Batch(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
-
-
-def pyg_molecules(gs) -> list:
-    """One ``torch_geometric.data.Data`` per graph of a GraphSet (``globals["y"]`` as ``y``)."""
-    torch, _ = require_torch()
-    from torch_geometric.data import Data
-
-    t = torch.from_numpy
-    nodes = np.split(np.arange(int(gs.n_node.sum())), np.cumsum(gs.n_node)[:-1])
-    edges = np.split(np.arange(int(gs.n_edge.sum())), np.cumsum(gs.n_edge)[:-1])
-    y = np.asarray(gs.globals["y"], np.float32)
-    return [Data(x=t(gs.nodes["features"][n]), z=t(gs.nodes["z"][n].astype(np.int64)),
-                 pos=t(gs.nodes["positions"][n]),
-                 edge_index=t(np.stack([gs.senders[e], gs.receivers[e]]).astype(np.int64)),
-                 bond=t(gs.edges["bond"][e].astype(np.int64)), y=t(y[i:i + 1]))
-            for i, (n, e) in enumerate(zip(nodes, edges, strict=True))]
-
-
-# ----------------------------------------------------------------------------- PyG models
-
-
-def edge_features(bond, dist, *, num_rbf: int, cutoff: float):
-    """torch: ``one_hot(bond, 5) ⊕ gaussian_basis(dist, num_rbf, cutoff)`` [E, 5 + num_rbf]."""
-    torch, _ = require_torch()
-    mu = torch.linspace(0.0, cutoff, num_rbf, dtype=dist.dtype)
-    gamma = 0.5 / (cutoff / (num_rbf - 1)) ** 2
-    rbf = torch.exp(-gamma * (dist[:, None] - mu) ** 2)
-    one_hot = torch.nn.functional.one_hot(bond, NUM_BOND_TYPES).to(dist.dtype)
-    return torch.cat([one_hot, rbf], dim=-1)
-
-
-class _BatchEdges:
-    """PyG SchNet's ``interaction_graph``: the current batch's edges closer than the cutoff."""
-
-    def __init__(self, cutoff: float, bonded_only: bool):
-        self.cutoff, self.bonded_only, self.edge_index, self.bond = cutoff, bonded_only, None, None
-
-    def __call__(self, pos, batch):
-        row, col = self.edge_index
-        dist = (pos[row] - pos[col]).norm(dim=-1)
-        keep = dist < self.cutoff
-        if self.bonded_only:
-            keep = keep & (self.bond != NOT_BONDED)
-        return self.edge_index[:, keep], dist[keep]
-
-
-@functools.cache
-def _classes():
-    torch, _ = require_torch()
-    from torch import nn
-    from torch.nn.functional import relu
-    from torch_geometric.nn import NNConv, Set2Set
-    from torch_geometric.nn.models import SchNet
-
-    class PyGMPNN(nn.Module):
-        """PyG's QM9 NNConv example sized and shaped as our MPNN (``forward(batch) -> [G]``)."""
-
-        def __init__(self, c):
-            super().__init__()
-            if c.readout != "set2set" or c.aggregation not in ("sum", "mean"):
-                raise ValueError("the PyG MPNN peer has a set2set readout and sum/mean "
-                                 f"aggregation, got {c.readout!r}/{c.aggregation!r}")
-            self.c, d = c, c.dim
-            self.lin0 = nn.Linear(c.num_features, d)
-            edge_nn = nn.Sequential(nn.Linear(NUM_BOND_TYPES + c.num_rbf, c.edge_hidden),
-                                    nn.ReLU(), nn.Linear(c.edge_hidden, d * d))
-            self.conv = NNConv(d, d, edge_nn, aggr={"sum": "add"}.get(c.aggregation, "mean"),
-                               root_weight=False, bias=False)
-            self.gru = nn.GRU(d, d)
-            self.set2set = Set2Set(d, processing_steps=c.set2set_steps)
-            self.lin1, self.lin2 = nn.Linear(2 * d, d), nn.Linear(d, 1)
-
-        def forward(self, data):
-            c, edge_index, bond = self.c, data.edge_index, data.bond
-            if c.bonded_only:
-                keep = bond != NOT_BONDED
-                edge_index, bond = edge_index[:, keep], bond[keep]
-            dist = (data.pos[edge_index[0]] - data.pos[edge_index[1]]).norm(dim=-1)
-            e = edge_features(bond, dist, num_rbf=c.num_rbf, cutoff=c.cutoff)
-            out = relu(self.lin0(data.x))
-            h = out.unsqueeze(0)
-            for _ in range(c.steps):
-                m = relu(self.conv(out, edge_index, e))
-                out, h = self.gru(m.unsqueeze(0), h)
-                out = out.squeeze(0)
-            out = self.set2set(out, data.batch, dim_size=data.num_graphs)
-            return self.lin2(relu(self.lin1(out))).view(-1)
-
-    class PyGSchNet(nn.Module):
-        """PyG's SchNet with our config and the batch's own edges (``forward(batch) -> [G]``)."""
-
-        def __init__(self, c):
-            super().__init__()
-            self.edges = _BatchEdges(c.cutoff, c.bonded_only)
-            self.net = SchNet(hidden_channels=c.dim, num_filters=c.num_filters,
-                              num_interactions=c.interactions, num_gaussians=c.num_rbf,
-                              cutoff=c.cutoff, interaction_graph=self.edges, readout="add")
-
-        def forward(self, data):
-            self.edges.edge_index, self.edges.bond = data.edge_index, data.bond
-            return self.net(data.z, data.pos, data.batch).view(-1)
-
-    return {"mpnn": PyGMPNN, "schnet": PyGSchNet}
-
-
-def build_pyg(name: str, config=None, *, seed: int = 0):
-    """The PyG peer of our model ``name`` (``config``: ours, default its default config)."""
-    torch, _ = require_torch()
-    from mpattn.models import default_config
-
-    if name not in MODELS:
-        raise ValueError(f"no PyG peer for {name!r}; choose from {list(MODELS)}")
-    torch.manual_seed(seed)
-    return _classes()[name](config or default_config(name))
-
-
-def torch_params(model) -> int:
-    """Trainable parameters of a torch module."""
-    return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
 # ----------------------------------------------------------------------------- throughput
@@ -320,10 +155,10 @@ def measure_pyg(model, batches: list, lr: float = 1e-3) -> dict:
 
 def measure_pair(name: str, gs, batch_size: int, batches: int) -> dict:
     """Ours (``benchmarks.speed.measure``) and PyG's peer on the same batches: one table row."""
-    from benchmarks.speed import _batches, measure
+    from benchmarks.speed import measure, qm9_batches
 
     ours = measure(name, gs, batch_size, batches)
-    data = [pyg_batch(pyg_arrays(b)) for b in _batches(gs, batch_size, batches)]
+    data = [pyg_batch(pyg_arrays(b)) for b in qm9_batches(gs, batch_size, batches)]
     pyg = measure_pyg(build_pyg(name), data)
     if pyg["molecules"] != ours["molecules"]:
         raise RuntimeError(f"{name}: PyG saw {pyg['molecules']} molecules, ours "

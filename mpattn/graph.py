@@ -102,8 +102,14 @@ def edge_pairs(senders, receivers, shift=None, *, num_edges: int | None = None
             return None
         forward = (s < r) | ((s == r) & (first > 0))
         canon = np.where(forward[:, None], t, -t)
-        rows = np.column_stack([lo, hi, canon])
-        _, slot, count = np.unique(rows, axis=0, return_inverse=True, return_counts=True)
+        # one int64 key per (lo, hi, canonical shift): each shift component ranked on its own
+        key = lo * (int(hi.max()) + 1) + hi
+        for k in range(3):
+            values, rank = np.unique(canon[:, k], return_inverse=True)
+            if key.max() >= np.iinfo(np.int64).max // max(1, values.size):
+                raise ValueError("edge_pairs: too many distinct periodic shifts to key")
+            key = key * values.size + rank.reshape(-1)
+        _, slot, count = np.unique(key, return_inverse=True, return_counts=True)
         slot = slot.reshape(-1)
         # every pair exactly twice, once in each direction
         if count.size != e // 2 or np.any(count != 2) or np.any(

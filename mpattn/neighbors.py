@@ -131,13 +131,14 @@ def structure_arrays(system):
 
 
 def pad_structure(z, positions, senders, receivers, shift, budget: Budget, *,
-                  dtype=np.float32) -> jraph.GraphsTuple:
+                  dtype=np.float32, pair=None) -> jraph.GraphsTuple:
     """One structure padded to ``budget`` as :func:`mpattn.graph.pad_batch` pads a batch.
 
     Padded rows are zero (``z = 0``, ``bond = 0``), padding edges point at the first
     padding node, the padding graph holds them all; positions and shifts are cast to
-    ``dtype``. Symmetric edge lists (every radius graph) get ``edges["pair"]``
-    (:func:`mpattn.graph.edge_pairs`).
+    ``dtype``. Symmetric edge lists (every radius graph) get ``edges["pair"]``: ``pair``
+    (int[e], the unordered pair of each real edge) where the caller knows it, else
+    :func:`mpattn.graph.edge_pairs` finds it.
     """
     n, e = len(z), len(senders)
     if not budget.fits(n, e, 1):
@@ -160,7 +161,11 @@ def pad_structure(z, positions, senders, receivers, shift, budget: Budget, *,
     bond = np.zeros(eb, np.int32)
     bond[:e] = 4  # not bonded; padded rows are zero, as pad_batch leaves them
     edges = {"bond": bond, "shift": sh}
-    pair = edge_pairs(senders, receivers, shift, num_edges=eb)
+    if pair is None:
+        pair = edge_pairs(senders, receivers, shift, num_edges=eb)
+    else:
+        pair = np.concatenate([np.asarray(pair, np.int32).reshape(e),
+                               e // 2 + np.arange(eb - e, dtype=np.int32) // 2])
     if pair is not None:
         edges["pair"] = pair
     return jraph.GraphsTuple(
@@ -170,15 +175,31 @@ def pad_structure(z, positions, senders, receivers, shift, budget: Budget, *,
 
 
 def _edges(z, pos, cell, pbc, cutoff: float):
-    """Radius edges with float64 shifts (integer images recovered from radius_edges)."""
-    from mpattn.featurize import radius_edges
+    """Radius edges in pairs: edge ``2k`` and ``2k + 1`` are one pair's two directions.
 
-    s, r, shift = radius_edges(pos, cutoff, cell, pbc)
-    if cell is None:
-        return s, r, np.zeros((len(s), 3), np.float64)
-    # radius_edges rounds shifts to float32; the images are integers: S = shift @ cell^-1
-    images = np.rint(shift.astype(np.float64) @ np.linalg.inv(cell))
-    return s, r, images @ cell
+    From vesin's half neighbour list (each pair once, sorted), so the unordered pair of edge
+    ``e`` is ``e // 2`` without any matching. Shifts are float64 (integer images times the
+    cell); the edge vector is ``positions[s] - positions[r] + shift`` (DESIGN.md).
+    """
+    from vesin import NeighborList
+
+    periodic = cell is not None
+    if periodic and not np.all(pbc):
+        raise ValueError("radius_edges: mixed periodicity is not supported; use pbc all or none")
+    box = np.asarray(cell, np.float64) if periodic else np.zeros((3, 3))
+    nl = NeighborList(cutoff=float(cutoff), full_list=False)
+    i, j, images = nl.compute(points=np.asarray(pos, np.float64), box=box, periodic=periodic,
+                              quantities="ijS")
+    order = np.lexsort((j, i))
+    i, j = i[order].astype(np.int32), j[order].astype(np.int32)
+    # vesin's pair (i, j) has vector pos[j] - pos[i] + S @ box: j sends to i with that shift,
+    # and i sends to j with the opposite one
+    shift = images[order] @ box if periodic else np.zeros((len(i), 3))
+    s, r = np.empty(2 * len(i), np.int32), np.empty(2 * len(i), np.int32)
+    sh = np.empty((2 * len(i), 3), np.float64)
+    s[0::2], r[0::2], sh[0::2] = j, i, shift
+    s[1::2], r[1::2], sh[1::2] = i, j, -shift
+    return s, r, sh
 
 
 def neighbor_graph(system, cutoff: float, budget: Budget | None = None, *,
@@ -209,4 +230,5 @@ def neighbor_graph(system, cutoff: float, budget: Budget | None = None, *,
     s, r, shift = _edges(z, pos, cell, pbc, cutoff)
     if budget is None or not budget.fits(len(z), len(s), 1):
         budget = (policy or BudgetPolicy()).fit(len(z), len(s))
-    return pad_structure(z, pos, s, r, shift, budget, dtype=dtype), budget
+    pair = np.arange(len(s), dtype=np.int32) // 2  # _edges lists each pair's edges together
+    return pad_structure(z, pos, s, r, shift, budget, dtype=dtype, pair=pair), budget

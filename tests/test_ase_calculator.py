@@ -165,17 +165,48 @@ def test_periodic_radius_graph_equals_brute_force(name, kw, cutoff):
     assert max(pairs.count(p) for p in set(pairs)) > 1
 
 
+def _edge_rows(g):
+    """Real edges as sorted (sender, receiver, shift in mÅ, bond) rows, and pair partners."""
+    e = int(g.n_edge[0])
+    rows = np.column_stack([g.senders[:e], g.receivers[:e],
+                            np.rint(np.asarray(g.edges["shift"][:e], np.float64) * 1e3),
+                            g.edges["bond"][:e]]).astype(np.int64)
+    pair = np.asarray(g.edges["pair"][:e])
+    partner = np.empty(e, np.int64)  # the other edge of each edge's pair slot
+    for slot in np.unique(pair):
+        a, b = np.flatnonzero(pair == slot)
+        partner[a], partner[b] = b, a
+    order = np.lexsort(rows.T[::-1])
+    rank = np.empty(e, np.int64)
+    rank[order] = np.arange(e)
+    return rows[order], rank[partner[order]]
+
+
 def test_layout_equals_frameset_to_graphset(frames):
+    # The calculator lists each pair's two edges together (vesin's half list); training
+    # batches keep radius_edges' order. Same nodes, same padding, the same edges with the
+    # same shifts and bonds, and the same pairs (each edge paired with its reverse).
     gs = frames.to_graphset(4.0, targets=False)
     atoms = frames.atoms(3)
     graph, budget = neighbor_graph(atoms, 4.0)
     ref = pad_batch(gs, np.array([3]), budget)
-    leaves, tree = jax.tree.flatten(graph)
-    ref_leaves, ref_tree = jax.tree.flatten(ref)
-    assert tree == ref_tree
-    for a, b in zip(leaves, ref_leaves, strict=True):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(a, b)
+    assert jax.tree.structure(graph) == jax.tree.structure(ref)
+    for name in ("n_node", "n_edge"):
+        np.testing.assert_array_equal(getattr(graph, name), getattr(ref, name))
+    for name in graph.nodes:
+        assert graph.nodes[name].dtype == ref.nodes[name].dtype
+        np.testing.assert_array_equal(graph.nodes[name], ref.nodes[name])
+    for name in graph.edges:
+        assert graph.edges[name].dtype == ref.edges[name].dtype, name
+    e = int(graph.n_edge[0])
+    np.testing.assert_array_equal(graph.senders[e:], ref.senders[e:])  # padding edges
+    rows, partners = _edge_rows(graph)
+    ref_rows, ref_partners = _edge_rows(ref)
+    np.testing.assert_array_equal(rows, ref_rows)
+    np.testing.assert_array_equal(partners, ref_partners)
+    # reverse edges: swapped ends, opposite shifts
+    np.testing.assert_array_equal(rows[partners][:, [1, 0]], rows[:, [0, 1]])
+    np.testing.assert_array_equal(rows[partners][:, 2:5], -rows[:, 2:5])
 
 
 def test_budget_policy_headroom_and_growth(caplog):

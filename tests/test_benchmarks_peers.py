@@ -18,10 +18,9 @@ from benchmarks.peers import (
     lr_values,
     main,
     planned_epochs,
-    pyg_arrays,
     ratio,
-    require_torch,
 )
+from benchmarks.pyg_models import pyg_arrays, require_torch
 from mpattn.graph import Budget, pad_batch
 
 
@@ -226,7 +225,7 @@ def test_pyg_peer_computes_our_model_given_our_weights(name, qm9_graphset):
     import torch
     from flax import nnx
 
-    from benchmarks.peers import build_pyg, pyg_batch
+    from benchmarks.pyg_models import build_pyg, pyg_batch
     from mpattn.models import create_model, default_config
 
     config = default_config(name, **SMALL[name])
@@ -252,7 +251,7 @@ def test_parameter_counts_agree_within_one_percent():
     import jax
     from flax import nnx
 
-    from benchmarks.peers import build_pyg, torch_params
+    from benchmarks.pyg_models import build_pyg, torch_params
     from mpattn.models import create_model
 
     counts = {}
@@ -273,7 +272,7 @@ def test_edge_features_match_our_basis():
     pytest.importorskip("torch_geometric")
     import torch
 
-    from benchmarks.peers import edge_features
+    from benchmarks.pyg_models import edge_features
     from mpattn.nn.radial import gaussian_basis
 
     dist = np.array([0.0, 0.96, 1.4, 2.5, 5.0, 7.3], np.float32)
@@ -288,7 +287,8 @@ def test_one_pyg_train_step_lowers_the_loss(qm9_graphset):
     pytest.importorskip("torch_geometric")
     import torch
 
-    from benchmarks.peers import build_pyg, pyg_batch, pyg_mse_step
+    from benchmarks.peers import pyg_mse_step
+    from benchmarks.pyg_models import build_pyg, pyg_batch
     from mpattn.models import default_config
 
     index = np.arange(16)
