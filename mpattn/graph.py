@@ -109,16 +109,24 @@ def edge_pairs(senders, receivers, shift=None, *, num_edges: int | None = None
             if key.max() >= np.iinfo(np.int64).max // max(1, values.size):
                 raise ValueError("edge_pairs: too many distinct periodic shifts to key")
             key = key * values.size + rank.reshape(-1)
-        _, slot, count = np.unique(key, return_inverse=True, return_counts=True)
-        slot = slot.reshape(-1)
-        # every pair exactly twice, once in each direction
-        if count.size != e // 2 or np.any(count != 2) or np.any(
-                np.bincount(slot, weights=forward, minlength=count.size) != 1):
+        slot = _pairs_by_sort(key, forward)
+        if slot is None:
             return None
     out = np.empty(total, np.int32)
     out[:e] = slot
     out[e:] = e // 2 + np.arange(total - e) // 2
     return out
+
+
+def _pairs_by_sort(key: np.ndarray, forward: np.ndarray) -> np.ndarray | None:
+    """Pair slots from one int64 key per unordered pair (``np.unique``); None unless every
+    key occurs exactly twice, once per direction."""
+    _, slot, count = np.unique(key, return_inverse=True, return_counts=True)
+    slot = slot.reshape(-1)
+    if count.size != key.size // 2 or np.any(count != 2) or np.any(
+            np.bincount(slot, weights=forward, minlength=count.size) != 1):
+        return None
+    return slot
 
 
 def _pairs_by_table(lo: np.ndarray, hi: np.ndarray, forward: np.ndarray) -> np.ndarray | None:
@@ -134,13 +142,9 @@ def _pairs_by_table(lo: np.ndarray, hi: np.ndarray, forward: np.ndarray) -> np.n
         return np.zeros(0, np.int64)
     span = int((hi - lo).max()) + 1
     size = (int(lo.max()) + 1) * span
-    if size > 8 * e + 4096:
-        key = lo * span + (hi - lo)
-        _, slot, count = np.unique(key, return_inverse=True, return_counts=True)
-        ok = count.size == e // 2 and np.all(count == 2) and np.all(
-            np.bincount(slot, weights=forward, minlength=count.size) == 1)
-        return slot.reshape(-1) if ok else None
     key = lo * span + (hi - lo)
+    if size > 8 * e + 4096:
+        return _pairs_by_sort(key, forward)
     fwd_key, rev_key = key[forward], key[~forward]
     if fwd_key.size != rev_key.size:
         return None

@@ -178,12 +178,7 @@ def load_predictor(workdir: str | Path, *, which: str = "best") -> Predictor:
     workdir = Path(workdir)
     try:
         ckpt = Checkpointer(workdir / "checkpoints")
-        try:
-            steps = ckpt.steps()
-            best = ckpt.best_step() if steps and which == "best" else None
-        except (ValueError, OSError) as err:  # e.g. a garbled orbax metadata/metrics file
-            raise ValueError(f"{ckpt.directory} is damaged: cannot list its checkpoints "
-                             f"({type(err).__name__}: {err})") from err
+        steps, best = ckpt.listing(which)
         if not steps:
             raise ValueError(f"{ckpt.directory} holds no checkpoint (is this a training "
                              "run's workdir?)")

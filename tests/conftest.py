@@ -34,3 +34,14 @@ def qm9_molset(qm9_raw) -> MoleculeSet:
 def qm9_graphset(qm9_molset) -> GraphSet:
     """The first 500 QM9 molecules, featurized, complete edge set, all targets as globals."""
     return qm9_molset.to_graphset()
+
+
+@pytest.fixture
+def x64():
+    """float64 JAX inside the test (restored afterwards)."""
+    import jax
+
+    prev = jax.config.read("jax_enable_x64")
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", prev)

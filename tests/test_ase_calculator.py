@@ -37,13 +37,6 @@ TINY = {"dim": 16, "num_heads": 2, "head_dim": 8, "steps": 1, "ff_dim": 32, "num
 CFG = AttentionPotentialConfig(**TINY)
 
 
-@pytest.fixture
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", old)
-
 
 @pytest.fixture(scope="module")
 def frames() -> FrameSet:

@@ -196,6 +196,10 @@ def test_edge_pairs_rejects_asymmetric_lists():
     assert edge_pairs([0, 0, 1, 1], [1, 1, 0, 0]) is None  # a pair listed twice
     assert edge_pairs([0, 1, 2, 2], [1, 0, 2, 2]) is None  # self-loop without a shift
     assert edge_pairs([], []).shape == (0,)
+    # far-apart indices take the sorting path instead of the table: same answers
+    np.testing.assert_array_equal(edge_pairs([0, 9000, 5, 9000], [9000, 0, 9000, 5]),
+                                  [0, 0, 1, 1])
+    assert edge_pairs([0, 9000, 5, 9000], [9000, 0, 9000, 6]) is None
 
 
 def test_edge_pairs_with_periodic_shifts():

@@ -41,13 +41,6 @@ MOL = (48, 384, 16)  # (n_node, n_edge, n_graph) of molecular batches
 PBC = (16, 320, 3)  # of periodic ones
 
 
-@pytest.fixture
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", old)
-
 
 @pytest.fixture(scope="module")
 def pots():

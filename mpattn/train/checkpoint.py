@@ -174,6 +174,20 @@ class Checkpointer:
         mngr = self._reader()
         return None if mngr is None else mngr.best_step()
 
+    def listing(self, which: str = "best") -> tuple[list[int], int | None]:
+        """``(steps, best)`` for a reader: ``best`` is None unless ``which == "best"``.
+
+        Raises:
+            ValueError: naming the directory, if orbax cannot list it (e.g. a garbled
+                metadata or metrics file).
+        """
+        try:
+            steps = self.steps()
+            return steps, (self.best_step() if steps and which == "best" else None)
+        except (ValueError, OSError) as err:
+            raise ValueError(f"{self.directory} is damaged: cannot list its checkpoints "
+                             f"({type(err).__name__}: {err})") from err
+
     def best_val_mae(self) -> float | None:
         """The validation MAE of the best step, or None."""
         step = self.best_step()

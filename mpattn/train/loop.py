@@ -189,6 +189,20 @@ def stack_batches(batches: list, mesh=None):
     return jax.device_put(stacked, NamedSharding(mesh, PartitionSpec("data")))
 
 
+def apply_gradients(carry: dict, grads, loss, optimizer, ema_decay: float | None) -> dict:
+    """One optimizer update of ``carry["params"]`` (and of the EMA weights, if kept).
+
+    Used inside the jit-compiled train steps of :class:`Trainer` and of
+    ``mpattn.train.potential.PotentialTrainer``; ``loss`` feeds reduce-on-plateau schedules.
+    """
+    updates, opt = optimizer.update(grads, carry["opt"], carry["params"], value=loss)
+    params = optax.apply_updates(carry["params"], updates)
+    out = {**carry, "params": params, "opt": opt, "step": carry["step"] + 1}
+    if ema_decay:
+        out["ema"] = ema_update(carry["ema"], params, ema_decay, step=carry["step"])
+    return out
+
+
 def make_train_step(graphdef, optimizer, config: TrainConfig):
     """The jit-compiled train step ``(carry, graphs) -> (carry, loss)`` (carry donated).
 
@@ -221,12 +235,7 @@ def make_train_step(graphdef, optimizer, config: TrainConfig):
     @functools.partial(jax.jit, donate_argnums=0)
     def train_step(carry, graphs):
         loss, grads = jax.value_and_grad(loss_fn)(carry["params"], carry["rest"], graphs)
-        updates, opt = optimizer.update(grads, carry["opt"], carry["params"], value=loss)
-        params = optax.apply_updates(carry["params"], updates)
-        out = {**carry, "params": params, "opt": opt, "step": carry["step"] + 1}
-        if c.ema_decay:
-            out["ema"] = ema_update(carry["ema"], params, c.ema_decay, step=carry["step"])
-        return out, loss
+        return apply_gradients(carry, grads, loss, optimizer, c.ema_decay), loss
 
     return train_step
 

@@ -41,7 +41,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from mpattn.data.frames import FrameSet
@@ -57,8 +56,8 @@ from mpattn.models.potential import (
     force_metrics,
 )
 from mpattn.train.checkpoint import Checkpointer, json_tuples, read_meta
-from mpattn.train.loop import EpochLoop
-from mpattn.train.schedules import current_lr, ema_init, ema_update, make_optimizer
+from mpattn.train.loop import EpochLoop, apply_gradients
+from mpattn.train.schedules import current_lr, ema_init, make_optimizer
 
 __all__ = [
     "FramePart",
@@ -255,12 +254,7 @@ def _make_step(graphdef, optimizer, config: PotentialConfig):
     @functools.partial(jax.jit, donate_argnums=0)
     def train_step(carry, rest, graph):
         loss, grads = jax.value_and_grad(loss_fn)(carry["params"], rest, graph)
-        updates, opt = optimizer.update(grads, carry["opt"], carry["params"], value=loss)
-        params = optax.apply_updates(carry["params"], updates)
-        out = {**carry, "params": params, "opt": opt, "step": carry["step"] + 1}
-        if config.ema_decay:
-            out["ema"] = ema_update(carry["ema"], params, config.ema_decay, step=carry["step"])
-        return out, loss
+        return apply_gradients(carry, grads, loss, optimizer, config.ema_decay), loss
 
     return train_step
 
@@ -433,12 +427,7 @@ def load_potential(workdir, which: str = "best") -> Potential:
         raise ValueError(f"{workdir}: no such workdir (expected a potential training run's "
                          "folder holding checkpoints/)")
     ckpt = Checkpointer(workdir / "checkpoints")
-    try:
-        steps = ckpt.steps()
-        best = ckpt.best_step() if steps and which == "best" else None
-    except (ValueError, OSError) as err:
-        raise ValueError(f"{ckpt.directory} is damaged: cannot list its checkpoints "
-                         f"({type(err).__name__}: {err})") from err
+    steps, best = ckpt.listing(which)
     if not steps:
         raise ValueError(f"{ckpt.directory}: missing checkpoints (is {workdir} a potential "
                          "training run's workdir?)")

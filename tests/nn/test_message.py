@@ -30,13 +30,6 @@ dense_fn = jax.jit(edge_network_dense,
 layout_fn = jax.jit(dense_layout, static_argnums=(1, 2))
 
 
-@pytest.fixture
-def x64():
-    prev = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", prev)
-
 
 def _budgets(gs, index):
     """A tight budget and a loose one (surplus padding nodes/edges and two empty graphs)."""

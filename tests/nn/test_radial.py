@@ -21,13 +21,6 @@ cosine_cutoff = jax.jit(radial.cosine_cutoff, static_argnames=("cutoff",))
 polynomial_cutoff = jax.jit(radial.polynomial_cutoff, static_argnames=("cutoff", "p"))
 
 
-@pytest.fixture
-def x64():
-    prev = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", prev)
-
 
 # ----------------------------------------------------------------------------- hand values
 
