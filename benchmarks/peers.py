@@ -41,8 +41,9 @@ checked at epoch ends: it stops before an epoch that would overrun); PyG through
 (PyG ``DataLoader`` shuffled each epoch from seed 0, collation in the main thread, lr from our
 optax schedule at every step, stop after the first batch that ends past M minutes). Both
 clocks include the per-epoch validation; both evaluate the best-by-validation weights (PyG:
-validation after each epoch and once after stopping). Plus a row "mhmp (cpu preset)":
-``run_qm9`` with the ``cpu`` preset and ``time_budget_min=M`` (``--no-preset-row`` skips it).
+validation after each epoch and once after stopping). Plus a row "<model> (cpu preset)":
+``run_qm9`` with the ``cpu`` preset, its default model and ``time_budget_min=M``
+(``--no-preset-row`` skips it).
 
 Writes ``peers-<device>-<date>.json`` (and ``.png``, test MAE bars, with ``--minutes``) under
 ``--out`` (default ``benchmarks/results/``).
@@ -306,22 +307,22 @@ def accuracy_rows(models, speed: dict, *, minutes: float, batch_size: int, workd
         print(format_accuracy_row(rows[-1]), flush=True)
     if preset_row:
         p = PRESETS["cpu"]
-        cfg = dataclasses.replace(p.train, model="mhmp", time_budget_min=minutes)
-        res = run_qm9(cfg, workdir=workdir / "mhmp-cpu-preset", split_file=split_file,
+        cfg = dataclasses.replace(p.train, time_budget_min=minutes)
+        res = run_qm9(cfg, workdir=workdir / f"{cfg.model}-cpu-preset", split_file=split_file,
                       preset="cpu", progress=progress)
-        rows.append(_ours_row("mhmp (cpu preset)", res, cfg.epochs))
+        rows.append(_ours_row(f"{cfg.model} (cpu preset)", res, cfg.epochs))
         print(format_accuracy_row(rows[-1]), flush=True)
     return rows
 
 
-ACCURACY_HEADER = (f"{'model':18s} {'framework':9s} {'epochs':>11s} {'mol/s':>7s} "
+ACCURACY_HEADER = (f"{'model':32s} {'framework':9s} {'epochs':>11s} {'mol/s':>7s} "
                    f"{'seconds':>8s} {'val MAE meV':>11s} {'test MAE meV':>12s}")
 
 
 def format_accuracy_row(r: dict) -> str:
     """One line of the accuracy table (epochs as done/planned)."""
     epochs = f"{r['epochs']:.4g}/{r['planned_epochs']}"
-    return (f"{r['model']:18s} {r['framework']:9s} {epochs:>11s} {r['mol_per_s']:7.1f} "
+    return (f"{r['model']:32s} {r['framework']:9s} {epochs:>11s} {r['mol_per_s']:7.1f} "
             f"{r['seconds']:8.0f} {r['val_mae_mev']:11.1f} {r['test_mae_mev']:12.1f}")
 
 
@@ -370,7 +371,7 @@ def main(argv=None) -> int:
                     help="also train each model this long and report test MAE")
     ap.add_argument("--batch-size", type=int, default=32, help="training batch of --minutes")
     ap.add_argument("--no-preset-row", action="store_true",
-                    help="skip the 'mhmp (cpu preset)' row of --minutes")
+                    help="skip the '<model> (cpu preset)' row of --minutes")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="run_qm9 outputs of --minutes (default: a temporary folder)")

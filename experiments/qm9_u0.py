@@ -1,6 +1,7 @@
 """Train a model on QM9 (U0 by default) and report the test MAE in meV.
 
     python -m experiments.qm9_u0                       # preset by hardware (see --preset)
+    python -m experiments.qm9_u0 --model mhmp          # the thesis' model under that preset
     python -m experiments.qm9_u0 --preset thesis --model mhmp_pe
     python -m experiments.qm9_u0 --workdir runs/x --resume
 
@@ -34,7 +35,8 @@ def _default_preset() -> tuple[str, str]:
 def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m experiments.qm9_u0",
                                  description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="mhmp", choices=model_names())
+    ap.add_argument("--model", default=None, choices=model_names(),
+                    help="default: the preset's (attention_potential; mhmp for --preset thesis)")
     ap.add_argument("--preset", default=None, choices=list(PRESETS),
                     help="default: 'standard' with an accelerator, 'cpu' without")
     ap.add_argument("--target", default="U0", choices=list(TARGETS))
@@ -76,6 +78,9 @@ def main(argv=None) -> int:
         print(f"preset '{args.preset}': {why}")
     preset = PRESETS[args.preset]
     print(f"preset '{args.preset}': {preset.why}")
+    if args.model is None:
+        args.model = preset.train.model
+        print(f"model '{args.model}': the preset's default (choose another with --model)")
     fields = {"model": args.model, "target": args.target, "epochs": args.epochs,
               "time_budget_min": args.time_budget_min, "batch_size": args.batch_size,
               "lr": args.lr, "loss": args.loss, "schedule": args.schedule,

@@ -26,9 +26,8 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "MH-MP": ("mhmp", {}, {}),
     "MH-MP+PE": ("mhmp_pe", {}, {}),
     "MPNN-GRU": ("mpnn", {}, {}),
-    "MH-MP (ours: sum readout, distance-aware attention, L1, reference)": (
-        "mhmp", {"readout": "sum", "attention_bias": "bond+distance", "ff_dim": 128},
-        {"loss": "l1", "reference": True}),
+    "Attention potential (ours: distance filters, sum readout, L1, reference)": (
+        "attention_potential", {}, {"loss": "l1", "reference": True}),
 }
 
 

@@ -78,11 +78,12 @@ def test_format_speed_row_fields_and_alignment():
 
 
 def test_format_accuracy_row_fields():
-    row = {"model": "mhmp (cpu preset)", "framework": "ours", "epochs": 3.5, "planned_epochs": 6,
+    row = {"model": "attention_potential (cpu preset)", "framework": "ours", "epochs": 3.5,
+           "planned_epochs": 6,
            "mol_per_s": 151.26, "seconds": 599.6, "val_mae_mev": 40.04, "test_mae_mev": 41.96}
     line = format_accuracy_row(row)
     assert line.split()[3:] == ["ours", "3.5/6", "151.3", "600", "40.0", "42.0"]
-    assert line.startswith("mhmp (cpu preset)  ours")
+    assert line.startswith("attention_potential (cpu preset) ours")
     assert len(line) == len(ACCURACY_HEADER)
 
 

@@ -18,7 +18,8 @@ Reading of the thesis where its text is ambiguous (every size is a config field)
   :class:`~mpattn.nn.update.TransformerEncoderUpdate`).
 - The readout "self-attention decoder": one learned query per head cross-attends each
   molecule's atom states (3 heads of 64), then the MLP head.
-- Message and update weights are shared across the 3 steps (Gilmer et al.).
+- Message and update weights are shared across the 3 steps (Gilmer et al.);
+  ``share_weights=False`` gives each step its own (same cost per step, more parameters).
 
 ``mhmp_pe`` adds a sinusoidal encoding of each atom's index within its molecule before the
 encoder: it breaks permutation invariance (the thesis found it worse; a test shows it).
@@ -49,6 +50,7 @@ class MHMPConfig:
     dim: int = 64
     edge_hidden: int = 128
     steps: int = 3
+    share_weights: bool = True  # one message and update module for every step (thesis)
     num_heads: int = 3
     head_dim: int = 64
     ff_dim: int = 10
@@ -76,12 +78,21 @@ class MHMP(nnx.Module):
     def __init__(self, config: MHMPConfig | None = None, *, rngs: nnx.Rngs):
         c = self.config = config or MHMPConfig()
         self.embed = AtomEmbedding(c.dim, num_features=c.num_features, rngs=rngs)
-        self.message = EdgeNetwork(c.dim, hidden=c.edge_hidden, num_rbf=c.num_rbf,
-                                   cutoff=c.cutoff, aggregation=c.aggregation, layout=c.layout,
-                                   max_nodes=c.max_nodes, rngs=rngs)
-        self.update = TransformerEncoderUpdate(c.dim, c.num_heads, c.head_dim, c.ff_dim,
-                                               edge_bias=c.attention_bias, num_rbf=c.num_rbf,
-                                               cutoff=c.cutoff, rngs=rngs)
+        def message():
+            return EdgeNetwork(c.dim, hidden=c.edge_hidden, num_rbf=c.num_rbf, cutoff=c.cutoff,
+                               aggregation=c.aggregation, layout=c.layout,
+                               max_nodes=c.max_nodes, rngs=rngs)
+
+        def update():
+            return TransformerEncoderUpdate(c.dim, c.num_heads, c.head_dim, c.ff_dim,
+                                            edge_bias=c.attention_bias, num_rbf=c.num_rbf,
+                                            cutoff=c.cutoff, rngs=rngs)
+
+        if c.share_weights:
+            self.message, self.update = message(), update()
+        else:
+            self.message = nnx.List([message() for _ in range(c.steps)])
+            self.update = nnx.List([update() for _ in range(c.steps)])
         if c.readout == "attention":
             self.readout = AttentionReadout(c.dim, c.readout_heads, c.readout_head_dim,
                                             rngs=rngs)
@@ -105,11 +116,13 @@ class MHMP(nnx.Module):
         h = self.embed(graph.nodes)
         if c.positional_encoding:
             h = add_positional_encoding(h, g.n_node)
-        for _ in range(c.steps):
-            m = self.message(h, senders=g.senders, receivers=g.receivers, bond=g.bond,
-                             distances=g.distances, n_node=g.n_node, edge_mask=g.edge_mask)
-            h = self.update(h, m, senders=g.senders, receivers=g.receivers, bond=g.bond,
-                            distances=g.distances, edge_mask=g.edge_mask)
+        for i in range(c.steps):
+            message = self.message if c.share_weights else self.message[i]
+            update = self.update if c.share_weights else self.update[i]
+            m = message(h, senders=g.senders, receivers=g.receivers, bond=g.bond,
+                        distances=g.distances, n_node=g.n_node, edge_mask=g.edge_mask)
+            h = update(h, m, senders=g.senders, receivers=g.receivers, bond=g.bond,
+                       distances=g.distances, edge_mask=g.edge_mask)
         if c.readout == "sum":
             return self.readout(h, g.n_node, per_atom=per_atom)
         if per_atom:

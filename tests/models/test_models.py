@@ -157,6 +157,26 @@ def test_mhmp_with_distance_aware_attention_is_invariant(batch):
     assert not np.allclose(out[:12], plain[:12])  # the bias does change the model
 
 
+def _num_params(module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def test_mhmp_untied_steps_equal_the_tied_model_given_its_weights(batch):
+    tied = create_model("mhmp", rngs=nnx.Rngs(5), readout="sum")
+    untied = create_model("mhmp", rngs=nnx.Rngs(6), readout="sum", share_weights=False)
+    per_step = _num_params(tied.message) + _num_params(tied.update)
+    assert _num_params(untied) == _num_params(tied) + 2 * per_step
+    testing.assert_permutation_invariant(_jitted(untied), batch, **TOL)
+    assert not np.allclose(_jitted(untied)(batch)[:12], _jitted(tied)(batch)[:12])
+    for name in ("embed", "readout"):
+        nnx.update(getattr(untied, name), nnx.state(getattr(tied, name)))
+    for i in range(3):  # every step gets the tied model's one message and update module
+        nnx.update(untied.message[i], nnx.state(tied.message))
+        nnx.update(untied.update[i], nnx.state(tied.update))
+    np.testing.assert_allclose(_jitted(untied)(batch), _jitted(tied)(batch), rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_register_model_adds_a_named_model_and_guards_builtins():
     from dataclasses import dataclass
 

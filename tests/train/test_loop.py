@@ -143,7 +143,13 @@ def test_command_line_errors(capsys, tmp_path):
         main(["--preset", "huge"])
     assert "choose from" in capsys.readouterr().err
     assert main(["--resume", "--workdir", str(tmp_path / "none"), "--preset", "cpu"]) == 2
-    assert "holds no checkpoints/ folder" in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert "holds no checkpoints/ folder" in out.err
+    assert "model 'attention_potential': the preset's default" in out.out
+    assert main(["--resume", "--workdir", str(tmp_path / "none"), "--preset", "thesis"]) == 2
+    assert "model 'mhmp': the preset's default" in capsys.readouterr().out  # the thesis' model
+    assert main(["--resume", "--workdir", str(tmp_path / "none"), "--model", "schnet"]) == 2
+    assert "the preset's default" not in capsys.readouterr().out
 
 
 def test_size_sampling_options_apply_to_training_only(qm9_molset):
