@@ -112,4 +112,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from mpattn.runtime import restart_with_hugepages
+
+    restart_with_hugepages()  # before any work: huge pages for XLA's CPU buffers
     raise SystemExit(main())

@@ -249,4 +249,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from mpattn.runtime import restart_with_hugepages
+
+    restart_with_hugepages()  # before any work: huge pages for XLA's CPU buffers
     sys.exit(main())

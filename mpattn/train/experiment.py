@@ -33,9 +33,9 @@ class Preset:
 
 
 #: The model of the ``standard`` and ``cpu`` presets: multi-head attention over the atom pairs
-#: within its cutoff, with distance filters and a smooth envelope, sum readout. On 2 CPU cores it reached a far
-#: lower test MAE in 10 minutes than MH-MP (README, "Training on QM9"); the ``thesis``
-#: preset keeps the thesis' MH-MP.
+#: within its cutoff, with distance filters and a smooth envelope, sum readout. On 2 CPU cores
+#: it reached a far lower test MAE in 10 minutes than MH-MP (README, "Training on QM9"); the
+#: ``thesis`` preset keeps the thesis' MH-MP.
 DEFAULT_MODEL = "attention_potential"
 
 #: MH-MP sized for a 2-core CPU: the edge network's cost grows as dim² x edge_hidden, so a
