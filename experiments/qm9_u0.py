@@ -4,6 +4,7 @@
     python -m experiments.qm9_u0 --model mhmp          # the thesis' model under that preset
     python -m experiments.qm9_u0 --preset thesis --model mhmp_pe
     python -m experiments.qm9_u0 --workdir runs/x --resume
+    python -m experiments.qm9_u0 --distributed         # one process per host (SLURM, MPI...)
 
 Writes into --workdir: results.json, metrics.csv, curves.png, parity.png, per_size.png,
 split.json and checkpoints/ (orbax).
@@ -18,6 +19,7 @@ import sys
 
 from mpattn.data.qm9 import TARGETS
 from mpattn.models import model_names
+from mpattn.train.distributed import initialize, is_primary
 from mpattn.train.experiment import PRESETS, run_qm9
 from mpattn.train.losses import LOSSES, WEIGHTINGS
 from mpattn.train.schedules import SCHEDULES
@@ -67,20 +69,33 @@ def parse(argv=None) -> argparse.Namespace:
                     help="at most this many training molecules per atom count")
     ap.add_argument("--num-devices", type=int,
                     help="data-parallel devices (default: all visible)")
+    ap.add_argument("--distributed", action="store_true",
+                    help="join a multi-process run via jax.distributed.initialize() (detects "
+                    "SLURM, Open MPI, Kubernetes, Cloud TPU; else give the next three)")
+    ap.add_argument("--coordinator", help="HOST:PORT of process 0 (implies --distributed)")
+    ap.add_argument("--num-processes", type=int, help="processes of the run (--coordinator)")
+    ap.add_argument("--process-id", type=int, help="this process's index (--coordinator)")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.distributed or args.coordinator:  # before anything else touches JAX
+        try:
+            initialize(args.coordinator, args.num_processes, args.process_id)
+        except (ValueError, RuntimeError) as err:
+            print(f"error: --distributed: {err}", file=sys.stderr)
+            return 2
+    say = print if is_primary() else (lambda *_a, **_k: None)
     if args.preset is None:
         args.preset, why = _default_preset()
-        print(f"preset '{args.preset}': {why}")
+        say(f"preset '{args.preset}': {why}")
     preset = PRESETS[args.preset]
-    print(f"preset '{args.preset}': {preset.why}")
+    say(f"preset '{args.preset}': {preset.why}")
     if args.model is None:
         args.model = preset.train.model
-        print(f"model '{args.model}': the preset's default (choose another with --model)")
+        say(f"model '{args.model}': the preset's default (choose another with --model)")
     fields = {"model": args.model, "target": args.target, "epochs": args.epochs,
               "time_budget_min": args.time_budget_min, "batch_size": args.batch_size,
               "lr": args.lr, "loss": args.loss, "schedule": args.schedule,
@@ -106,7 +121,7 @@ def main(argv=None) -> int:
         return 2
     t = results["test"]
     unit = "meV" if "mae_mev" in t else TARGETS[config.target][0]
-    print(f"test MAE {t.get('mae_mev', t.get('mae')):.2f} {unit}; results in "
+    say(f"test MAE {t.get('mae_mev', t.get('mae')):.2f} {unit}; results in "
           f"{args.workdir}/results.json")
     return 0
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jraph
 import numpy as np
@@ -269,21 +269,37 @@ class BatchLoader:
         ids[: index.shape[0]] = self.gs.ids[index]
         return graph._replace(globals={**graph.globals, "id": ids})
 
+    def empty_batch(self, budget: Budget | None = None) -> jraph.GraphsTuple:
+        """A batch of padding only (no real graph; ids all -1) shaped as ``budget`` (default:
+        the loader's only budget), e.g. to fill the last step of a data-parallel epoch."""
+        if budget is None:
+            if len(self.budgets) != 1:
+                raise ValueError(f"the loader has {len(self.budgets)} budgets: name one")
+            budget = self.budgets[0]
+        return self._batch(np.zeros(0, np.int64), budget)
+
     def _batches(
-        self, batches: list[np.ndarray], which: np.ndarray, stop: threading.Event | None = None
-    ) -> Iterator[jraph.GraphsTuple]:
-        for index, b in zip(batches, which, strict=True):
+        self, batches: list[np.ndarray], which: np.ndarray, stop: threading.Event | None = None,
+        keep: Callable[[int], bool] | None = None,
+    ) -> Iterator[jraph.GraphsTuple | None]:
+        for i, (index, b) in enumerate(zip(batches, which, strict=True)):
             if stop is not None and stop.is_set():
                 return
-            yield self._batch(index, self.budgets[b])
+            yield self._batch(index, self.budgets[b]) if keep is None or keep(i) else None
 
-    def epoch(self, e: int) -> Iterator[jraph.GraphsTuple]:
-        """Batches of epoch ``e`` (shuffled from ``(seed, e)``), prefetched if configured."""
+    def epoch(self, e: int, keep: Callable[[int], bool] | None = None
+              ) -> Iterator[jraph.GraphsTuple | None]:
+        """Batches of epoch ``e`` (shuffled from ``(seed, e)``), prefetched if configured.
+
+        ``keep(i)`` False: the ``i``-th batch is not assembled and ``None`` stands in its place
+        (a process of a multi-process run builds only its own devices' batches).
+        """
         if self.prefetch == 0:
-            return self._batches(*self._plan(e))
-        return self._prefetched(e)
+            return self._batches(*self._plan(e), keep=keep)
+        return self._prefetched(e, keep)
 
-    def _prefetched(self, e: int) -> Iterator[jraph.GraphsTuple]:
+    def _prefetched(self, e: int, keep: Callable[[int], bool] | None = None
+                    ) -> Iterator[jraph.GraphsTuple | None]:
         # The thread starts on the first next(): a generator that never ran has no finally to
         # run, so it must own no thread.
         batches, which = self._plan(e)
@@ -301,7 +317,7 @@ class BatchLoader:
 
         def produce() -> None:
             try:
-                for batch in self._batches(batches, which, stop):
+                for batch in self._batches(batches, which, stop, keep):
                     if not put(batch):
                         return
                 put(_DONE)

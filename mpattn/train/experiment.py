@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mpattn.train.distributed import is_primary
 from mpattn.train.loop import TrainConfig, Trainer, prepare
 from mpattn.train.report import plot_curves, plot_parity, plot_per_size, write_json
 
@@ -72,7 +73,8 @@ def _device() -> str:
     import jax
 
     d = jax.devices()[0]
-    return f"{d.platform}:{d.device_kind} x{jax.device_count()}"
+    hosts = f" ({jax.process_count()} processes)" if jax.process_count() > 1 else ""
+    return f"{d.platform}:{d.device_kind} x{jax.device_count()}{hosts}"
 
 
 def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=None,
@@ -97,6 +99,9 @@ def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=
 
     t_start = time.perf_counter()
     workdir = Path(workdir)
+    primary = is_primary()  # in a multi-process run only process 0 writes files and logs
+    if not primary:
+        log = lambda _msg: None  # noqa: E731
     if resume:
         if not (workdir / "checkpoints").is_dir():
             raise ValueError(f"--resume: {workdir} holds no checkpoints/ folder (nothing to "
@@ -109,7 +114,8 @@ def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=
         split = load_split(split_file, available=ms.ids)
     else:
         split = make_split(ms.ids, sizes=sizes, seed=config.seed)
-    save_split(split, workdir / "split.json")
+    if primary:
+        save_split(split, workdir / "split.json")
     log(f"split: {len(split.train):,} train / {len(split.val):,} val / {len(split.test):,} test")
     data = prepare(ms, split, config)
     preset_models = PRESETS[preset].models if preset in PRESETS else {}
@@ -148,6 +154,8 @@ def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=
         "model_config": dataclasses.asdict(model_config),
         "split_sizes": [len(split.train), len(split.val), len(split.test)],
     }
+    if not primary:
+        return results
     write_json(workdir / "results.json", results)
     if history:
         plot_curves(history, workdir / "curves.png")

@@ -34,6 +34,7 @@ from mpattn.featurize import FeaturizeOptions
 from mpattn.graph import graph_mask
 from mpattn.models import create_model, default_config
 from mpattn.train.checkpoint import Checkpointer
+from mpattn.train.distributed import agree, is_primary, process_positions
 from mpattn.train.losses import cap_per_size, graph_weights, loss_value, size_range
 from mpattn.train.metrics import error_report
 from mpattn.train.schedules import current_lr, ema_init, ema_update, make_optimizer
@@ -180,13 +181,27 @@ def data_mesh(num_devices: int | None = None):
 
 def stack_batches(batches: list, mesh=None):
     """Stack D equally shaped padded batches along a new leading axis (one per device) and,
-    with a mesh, shard that axis over its ``"data"`` devices (parameters stay replicated)."""
-    stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
-    if mesh is None or mesh.size == 1:
-        return stacked
+    with a mesh, shard that axis over its ``"data"`` devices (parameters stay replicated).
+
+    In a multi-process run only this process's positions of ``batches``
+    (:func:`~mpattn.train.distributed.process_positions`) are read, the others may be
+    ``None``: every process contributes its own devices' batches to the global array.
+    """
+    if mesh is None or mesh.size == 1 or jax.process_count() == 1:
+        stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
+        if mesh is None or mesh.size == 1:
+            return stacked
     from jax.sharding import NamedSharding, PartitionSpec
 
-    return jax.device_put(stacked, NamedSharding(mesh, PartitionSpec("data")))
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    if jax.process_count() == 1:
+        return jax.device_put(stacked, sharding)
+    if len(batches) != mesh.size:
+        raise ValueError(f"{len(batches)} batches for a mesh of {mesh.size} devices")
+    local = jax.tree.map(lambda *xs: np.stack(xs),
+                         *[batches[i] for i in process_positions(mesh)])
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        sharding, x, (mesh.size, *x.shape[1:])), local)
 
 
 def apply_gradients(carry: dict, grads, loss, optimizer, ema_decay: float | None) -> dict:
@@ -267,7 +282,7 @@ class EpochLoop:
         t_start = time.perf_counter()
         spent = sum(r["seconds"] for r in self.history)
         with tqdm(total=c.epochs, initial=self.epoch, desc="epochs", unit="epoch",
-                  disable=not progress) as bar:
+                  disable=not progress or not is_primary()) as bar:
             while self.epoch < c.epochs:
                 t0 = time.perf_counter()
                 step0 = int(self.carry["step"])
@@ -286,13 +301,16 @@ class EpochLoop:
                 bar.update(1)
                 bar.set_postfix(**self._postfix(row))
                 elapsed = spent + time.perf_counter() - t_start
-                if budget_s is not None and elapsed + row["seconds"] > budget_s:
+                # every process stops together (a lone one would leave the others waiting)
+                if budget_s is not None and agree(elapsed + row["seconds"] > budget_s):
                     self.log(f"time budget of {c.time_budget_min} min reached after "
                              f"{self.epoch} epochs")
                     break
         return self.history
 
     def _write_metrics(self) -> None:
+        if not is_primary():
+            return
         with (self.workdir / "metrics.csv").open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(self.history[0]))
             w.writeheader()
@@ -312,7 +330,8 @@ class Trainer(EpochLoop):
 
     def __init__(self, config: TrainConfig, data: Prepared, workdir: str | Path, *,
                  model_config=None, log: Callable[[str], None] = print):
-        self.config, self.data, self.log = config, data, log
+        self.config, self.data = config, data
+        self.log = log if is_primary() else (lambda _msg: None)
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.model_config = model_config or default_config(config.model)
@@ -344,21 +363,19 @@ class Trainer(EpochLoop):
     def _groups(self, epoch: int):
         """The epoch's batches, D at a time, stacked (and sharded) for the train step."""
         d = self.mesh.size
+        keep = None
+        if jax.process_count() > 1:  # assemble only this process's devices' batches
+            mine = set(process_positions(self.mesh))
+            keep = lambda i: i % d in mine  # noqa: E731
         group = []
-        for batch in self.loader.epoch(epoch):
+        for batch in self.loader.epoch(epoch, keep=keep):
             group.append(batch)
             if len(group) == d:
                 yield stack_batches(group, self.mesh)
                 group = []
         if group:  # fill the last group with batches of padding only (weight 0)
-            empty = jax.tree.map(np.zeros_like, group[0])
-            empty = empty._replace(n_node=np.array(group[0].n_node).copy(),
-                                   n_edge=np.array(group[0].n_edge).copy())
-            empty.n_node[:] = 0
-            empty.n_edge[:] = 0
-            empty.n_node[0] = group[0].nodes["z"].shape[0]
-            empty.n_edge[0] = group[0].senders.shape[0]
-            yield stack_batches(group + [empty] * (d - len(group)), self.mesh)
+            yield stack_batches(group + [self.loader.empty_batch()] * (d - len(group)),
+                                self.mesh)
 
     def eval_params(self):
         return self.carry.get("ema", self.carry["params"])

@@ -6,6 +6,7 @@ import gc
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -278,3 +279,35 @@ def test_invalid_arguments(qm9_graphset):
         BatchLoader(qm9_graphset, 8, prefetch=-1)
     with pytest.raises(ValueError):
         BatchLoader(qm9_graphset, 8, budgets=[])
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_keep_assembles_only_the_kept_batches(qm9_graphset, prefetch, monkeypatch):
+    loader = BatchLoader(qm9_graphset, 16, seed=5, prefetch=prefetch)
+    full = list(loader.epoch(2))
+    built = []
+    real_batch = loader._batch
+    monkeypatch.setattr(loader, "_batch", lambda idx, b: built.append(1) or real_batch(idx, b))
+    part = list(loader.epoch(2, keep=lambda i: i % 3 == 1))
+    assert len(part) == len(full) and len(built) == len(full[1::3])
+    for i, (a, b) in enumerate(zip(part, full, strict=True)):
+        if i % 3 != 1:
+            assert a is None
+        else:
+            np.testing.assert_array_equal(a.globals["id"], b.globals["id"])
+            np.testing.assert_array_equal(a.nodes["z"], b.nodes["z"])
+
+
+def test_empty_batch_is_padding_only(qm9_graphset):
+    budget = derive_budgets(qm9_graphset, 8, num_budgets=1)[0]
+    loader = BatchLoader(qm9_graphset, 8, budgets=[budget], prefetch=0)
+    empty, real = loader.empty_batch(), next(iter(loader))
+    assert not np.asarray(graph_mask(empty)).any()
+    assert not np.asarray(node_mask(empty)).any() and not np.asarray(edge_mask(empty)).any()
+    np.testing.assert_array_equal(empty.globals["id"], -1)
+    assert empty.n_node.sum() == budget.n_node and empty.n_edge.sum() == budget.n_edge
+    same = [(a.shape, a.dtype) for a in jax.tree.leaves(real)]
+    assert [(a.shape, a.dtype) for a in jax.tree.leaves(empty)] == same
+    with pytest.raises(ValueError, match="2 budgets: name one"):
+        BatchLoader(qm9_graphset, 8, budgets=[budget, Budget(budget.n_node * 2,
+                                                             budget.n_edge * 2, 9)]).empty_batch()

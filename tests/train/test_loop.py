@@ -150,6 +150,9 @@ def test_command_line_errors(capsys, tmp_path):
     assert "model 'mhmp': the preset's default" in capsys.readouterr().out  # the thesis' model
     assert main(["--resume", "--workdir", str(tmp_path / "none"), "--model", "schnet"]) == 2
     assert "the preset's default" not in capsys.readouterr().out
+    # a hand-set multi-process run needs all three of coordinator, processes and index
+    assert main(["--coordinator", "127.0.0.1:1", "--num-processes", "2"]) == 2
+    assert "give all of coordinator, num_processes and process_id" in capsys.readouterr().err
 
 
 def test_size_sampling_options_apply_to_training_only(qm9_molset):
