@@ -51,10 +51,15 @@ def machine_info() -> dict:
 
 
 def write_result(name: str, payload: dict, directory: Path = RESULTS) -> Path:
-    """Write ``<name>-<device>-<date>.json`` under ``benchmarks/results/``."""
+    """Write ``<name>-<device>-<date>.json`` under ``benchmarks/results/``; a second run on
+    the same day writes ``...-<date>-2.json`` (then ``-3``...): no result is overwritten."""
     info = machine_info()
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}-{info['device']}-{info['date']}.json"
+    stem = f"{name}-{info['device']}-{info['date']}"
+    path, n = directory / f"{stem}.json", 1
+    while path.exists():
+        n += 1
+        path = directory / f"{stem}-{n}.json"
     path.write_text(json.dumps({"machine": info, **payload}, indent=1) + "\n")
     return path
 

@@ -45,7 +45,7 @@ validation after each epoch and once after stopping). Plus a row "<model> (cpu p
 ``run_qm9`` with the ``cpu`` preset, its default model and ``time_budget_min=M``
 (``--no-preset-row`` skips it).
 
-Writes ``peers-<device>-<date>.json`` (and ``.png``, test MAE bars, with ``--minutes``) under
+Writes ``peers-<device>-<date>[-n].json`` (and ``.png``, test MAE bars, with ``--minutes``) under
 ``--out`` (default ``benchmarks/results/``).
 """
 
