@@ -49,6 +49,8 @@ def pots():
     return {
         "attention": Potential(attn, reference=REF),
         "schnet": Potential(SchNet(SCHNET, rngs=nnx.Rngs(0)), reference=REF),
+        "vector": Potential(AttentionPotential(dataclasses.replace(CFG, vector_features=True),
+                                               rngs=nnx.Rngs(0)), reference=REF),
         "plain": Potential(AttentionPotential(dataclasses.replace(CFG, smooth=False, steps=1),
                                               rngs=nnx.Rngs(0)), reference=REF),
         "crystal": Potential(attn, elements=("Si", "Cu")),
@@ -111,7 +113,7 @@ def ethanol(seed=0):
 # ------------------------------------------------------------------ forces and invariances
 
 
-@pytest.mark.parametrize("kind", ["attention", "schnet"])
+@pytest.mark.parametrize("kind", ["attention", "schnet", "vector"])
 def test_forces_equal_finite_differences(x64, pots, kind):
     """Potential(AttentionPotential) and Potential(SchNet) on width-0 features, float64."""
     a = ethanol()
@@ -153,7 +155,7 @@ def test_periodic_supercell_is_extensive(x64, pots):
     np.testing.assert_allclose(forces[4:12], np.tile(forces[:4], (2, 1)), atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["attention", "schnet"])
+@pytest.mark.parametrize("kind", ["attention", "schnet", "vector"])
 def test_rotation_translation_permutation(x64, pots, kind):
     """Energy invariant, forces rotate with the structure and follow atom permutations."""
     rng = np.random.default_rng(0)
@@ -173,6 +175,29 @@ def test_rotation_translation_permutation(x64, pots, kind):
     np.testing.assert_allclose(f[3], f[0][perm], atol=1e-10)
 
 
+def test_vector_features_mirror_image_and_use(x64, pots):
+    """Vector channels: the mirror image has the same energy and mirrored forces; every
+    vector parameter gets a gradient (the channels feed the energy)."""
+    a = ethanol()
+    mirror = np.diag([-1.0, 1.0, 1.0])
+    graph = pad([radius_graph(a.numbers, p, 5.0) for p in (a.positions, a.positions @ mirror)],
+                dtype=np.float64)
+    energy, forces = run(pots["vector"], graph)
+    np.testing.assert_allclose(energy[1], energy[0], rtol=1e-12)
+    np.testing.assert_allclose(forces[9:18], forces[:9] @ mirror, atol=1e-10)
+    graphdef, params, rest = nnx.split(pots["vector"], nnx.Param, ...)
+    grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(graph)))(params)
+    names = ("vec_sender", "vec_radial", "vec_u", "vec_w", "vec_gate_in", "vec_gate_out")
+    for name in names:
+        leaves = jax.tree.leaves(grads["model"][name])
+        assert leaves and all(np.abs(np.asarray(g)).max() > 0 for g in leaves), name
+    plain = sum(x.size for x in jax.tree.leaves(nnx.state(pots["attention"], nnx.Param)))
+    vec = sum(x.size for x in jax.tree.leaves(params))
+    d, r, t = CFG.dim, CFG.num_rbf, CFG.steps  # the vector modules' parameter count
+    assert vec - plain == t * ((d + 1) * 2 * d + (r + 1) * 2 * d + 2 * d * d
+                               + (2 * d + 1) * d + (d + 1) * 3 * d)
+
+
 # ------------------------------------------------------------------ smoothness at the cutoff
 
 
@@ -188,7 +213,7 @@ def test_energy_continuous_across_cutoff(x64, pots):
                 graphs.append(radius_graph(z[:n], base[:n] + [[0, 0, 0], [sign * e, 0, 0],
                                                               [0, 0, 0]][:n], rc))
     first = np.cumsum([0] + [len(g.nodes["z"]) for g in graphs])[:-1]
-    for kind in ("attention", "plain"):
+    for kind in ("attention", "vector", "plain"):
         energy, forces = run(pots[kind], pad(graphs, dtype=np.float64))
         jump = np.abs(energy[1:12:2] - energy[:12:2]).reshape(2, 3)
         f_in = np.abs(forces[first[:12:2] + 1, 0]).reshape(2, 3)  # on the crossing O
@@ -227,16 +252,17 @@ def test_smooth_graph_attention_by_hand():
 # ------------------------------------------------------------------ padding
 
 
-def test_padding_never_changes_real_graphs(pots):
+@pytest.mark.parametrize("kind", ["attention", "vector"])
+def test_padding_never_changes_real_graphs(pots, kind):
     """Ethanol + water padded with extra nodes, edges and graphs (junk padding positions)
     equal each molecule padded alone; padding graphs get energy 0, padding nodes force 0."""
     graphs = [radius_graph(m.numbers, m.positions, 5.0) for m in map(molecule, ("CH3CH2OH",
                                                                                 "H2O"))]
     batch = pad(graphs)
     batch.nodes["positions"][12:] = np.random.default_rng(0).normal(size=(36, 3)) * 10
-    energy, forces = run(pots["attention"], batch)
+    energy, forces = run(pots[kind], batch)
     assert energy.dtype == forces.dtype == np.float32  # the default
-    alone = [run(pots["attention"], pad([g])) for g in graphs]
+    alone = [run(pots[kind], pad([g])) for g in graphs]
     np.testing.assert_allclose(energy[:2], [e[0] for e, _ in alone], rtol=1e-6)
     np.testing.assert_allclose(forces[:12], np.concatenate([f[:n] for (_, f), n in
                                                            zip(alone, (9, 3), strict=True)]),
@@ -376,6 +402,11 @@ def test_potential_reference_state_survives_split_merge_and_checkpoint(tmp_path,
 def test_errors():
     with pytest.raises(ValueError, match=r"activation must be a smooth one of .* got 'relu'"):
         AttentionPotentialConfig(activation="relu")
+    with pytest.raises(ValueError, match=r"vector_features needs num_heads \* head_dim == dim"):
+        AttentionPotentialConfig(dim=32, num_heads=2, head_dim=8, vector_features=True)
+    with pytest.raises(ValueError, match="smooth=False"):
+        AttentionPotentialConfig(dim=16, num_heads=2, head_dim=8, vector_features=True,
+                                 smooth=False)
     model = AttentionPotential(CFG, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="Potential needs elements or a reference"):
         Potential(model)
@@ -405,7 +436,7 @@ def with_pairs(graph):
     return graph._replace(edges={**graph.edges, "pair": pair})
 
 
-@pytest.mark.parametrize("kind", ["attention", "schnet", "crystal"])
+@pytest.mark.parametrize("kind", ["attention", "schnet", "crystal", "vector"])
 def test_pair_slots_give_the_same_energy_and_exact_forces(x64, pots, kind):
     """Radial networks once per pair: same energies/forces as per edge, forces = -dE/dx (FD)."""
     if kind == "crystal":

@@ -28,6 +28,8 @@ class GraphInputs:
     edge_mask: Bool[Array, " num_edges"] | None
     #: pair slot of each edge (``edges["pair"]``, see ``mpattn.graph.edge_pairs``) or None
     pair: Int[Array, " num_edges"] | None = None
+    #: edge vectors ``positions[senders] - positions[receivers] (+ shift)`` [num_edges, 3]
+    vectors: Float[Array, "num_edges 3"] | None = None
 
 
 def graph_inputs(graph: jraph.GraphsTuple, *, bonded_only: bool = False) -> GraphInputs:
@@ -40,7 +42,7 @@ def graph_inputs(graph: jraph.GraphsTuple, *, bonded_only: bool = False) -> Grap
     """
     senders = jnp.asarray(graph.senders)
     receivers = jnp.asarray(graph.receivers)
-    _, distances = edge_distances(jnp.asarray(graph.nodes["positions"]), senders=senders,
+    vectors, distances = edge_distances(jnp.asarray(graph.nodes["positions"]), senders=senders,
                                   receivers=receivers, shift=graph.edges.get("shift"))
     bond = jnp.asarray(graph.edges["bond"]).astype(jnp.int32)
     return GraphInputs(
@@ -51,6 +53,7 @@ def graph_inputs(graph: jraph.GraphsTuple, *, bonded_only: bool = False) -> Grap
         n_node=jnp.asarray(graph.n_node),
         edge_mask=(bond != NOT_BONDED) if bonded_only else None,
         pair=jnp.asarray(graph.edges["pair"]) if "pair" in graph.edges else None,
+        vectors=vectors,
     )
 
 

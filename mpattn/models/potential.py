@@ -42,7 +42,7 @@ from mpattn.nn.embed import AtomEmbedding
 from mpattn.nn.radial import polynomial_cutoff
 from mpattn.nn.readout import SumReadout, sum_readout
 from mpattn.nn.update import ACTIVATIONS
-from mpattn.ops import graph_index, pair_mean, segment_max, segment_sum
+from mpattn.ops import graph_index, pair_mean, safe_norm, segment_max, segment_sum
 
 __all__ = [
     "AttentionPotential",
@@ -54,6 +54,7 @@ __all__ = [
     "energy_force_loss",
     "fit_reference",
     "force_metrics",
+    "smooth_attention_weights",
     "smooth_graph_attention",
 ]
 
@@ -105,6 +106,23 @@ def smooth_graph_attention(
         [num_segments, num_heads, features] ``Σ_e alpha[e] v[s_e] (⊙ filter[e])`` (0 for a
         node without neighbours inside the cutoff).
     """
+    alpha = smooth_attention_weights(q, k, senders=senders, receivers=receivers,
+                                     num_segments=num_segments, envelope=envelope, bias=bias)
+    values = v[senders] if value_filter is None else v[senders] * value_filter
+    return segment_sum(alpha[..., None] * values, receivers, num_segments=num_segments)
+
+
+def smooth_attention_weights(
+    q: Float[Array, "num_nodes num_heads head_dim"],
+    k: Float[Array, "num_nodes num_heads head_dim"],
+    *,
+    senders: Int[Array, " num_edges"],
+    receivers: Int[Array, " num_edges"],
+    num_segments: int,
+    envelope: Float[Array, " num_edges"],
+    bias: Float[Array, "num_edges num_heads"] | None = None,
+) -> Float[Array, "num_edges num_heads"]:
+    """The weights ``alpha[e]`` of :func:`smooth_graph_attention` [num_edges, num_heads]."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     logits = jnp.sum(q[receivers] * k[senders], axis=-1) * scale  # [E, H]
     if bias is not None:
@@ -117,9 +135,7 @@ def smooth_graph_attention(
     shifted = jnp.where(active, logits - m[receivers], 0.0)  # double where: no inf in grads
     ex = jnp.where(active, env * jnp.exp(shifted), 0.0)
     denom = jnp.exp(-m) + segment_sum(ex, receivers, num_segments=num_segments)
-    alpha = ex / denom[receivers]
-    values = v[senders] if value_filter is None else v[senders] * value_filter
-    return segment_sum(alpha[..., None] * values, receivers, num_segments=num_segments)
+    return ex / denom[receivers]
 
 
 @dataclass(frozen=True)
@@ -130,6 +146,8 @@ class AttentionPotentialConfig:
     :class:`~mpattn.nn.attention.MultiHeadGraphAttention` (no value filter): the energy then
     jumps when an atom crosses the cutoff (kept for ablations and for the test that shows it).
     ``value_filter=False`` drops the per-edge radial filter on the values.
+    ``vector_features=True`` adds equivariant vector channels (PaiNN-style, see
+    :class:`AttentionPotential`); it needs ``num_heads * head_dim == dim`` and ``smooth``.
     """
 
     dim: int = 64
@@ -143,8 +161,14 @@ class AttentionPotentialConfig:
     activation: str = "silu"
     smooth: bool = True
     value_filter: bool = True
+    vector_features: bool = False
 
     def __post_init__(self) -> None:
+        if self.vector_features and (self.num_heads * self.head_dim != self.dim
+                                     or not self.smooth):
+            raise ValueError("vector_features needs num_heads * head_dim == dim and smooth "
+                             f"attention, got {self.num_heads} x {self.head_dim} heads, dim "
+                             f"{self.dim}, smooth={self.smooth}")
         if self.activation not in ACTIVATIONS or self.activation == "relu":
             raise ValueError(f"activation must be a smooth one of "
                              f"{sorted(set(ACTIVATIONS) - {'relu'})} (relu makes forces "
@@ -192,6 +216,18 @@ class AttentionPotential(nnx.Module):
                                                                            rngs=rngs)])
             for _ in range(c.steps)
         ]) if c.value_filter else None
+        if c.vector_features:
+            def per_step(make):
+                return nnx.List([make() for _ in range(c.steps)])
+
+            # message: sender features and a radial filter give the weights of r̂ and of V_j
+            self.vec_sender = per_step(lambda: nnx.Linear(c.dim, 2 * c.dim, rngs=rngs))
+            self.vec_radial = per_step(lambda: nnx.Linear(c.num_rbf, 2 * c.dim, rngs=rngs))
+            # update: channel mixes U, W of V (no bias: equivariant) and the gates
+            self.vec_u = per_step(lambda: nnx.Linear(c.dim, c.dim, use_bias=False, rngs=rngs))
+            self.vec_w = per_step(lambda: nnx.Linear(c.dim, c.dim, use_bias=False, rngs=rngs))
+            self.vec_gate_in = per_step(lambda: nnx.Linear(2 * c.dim, c.dim, rngs=rngs))
+            self.vec_gate_out = per_step(lambda: nnx.Linear(c.dim, 3 * c.dim, rngs=rngs))
         self.final_norm = nnx.LayerNorm(c.dim, rngs=rngs)
         self.readout = SumReadout(c.dim, 1, hidden=c.dim // 2,
                                   activation=ACTIVATIONS[c.activation], rngs=rngs)
@@ -203,26 +239,51 @@ class AttentionPotential(nnx.Module):
             raise ValueError(f"attention_potential: atomic number {int(z.max())} above "
                              f"max_z={self.config.max_z}")
 
-    def _attend(self, t: int, x, g, envelope, d):
+    def _attend(self, t: int, x, g, envelope, d, rbf):
+        """Attention block ``t``: its output [N, dim] and its weights [E, H] (None when not
+        smooth)."""
         attn = self.attentions[t]
         if not self.config.smooth:
-            return attn(x, senders=g.senders, receivers=g.receivers, distances=g.distances)
+            return attn(x, senders=g.senders, receivers=g.receivers, distances=g.distances), None
         n, shape = x.shape[0], (x.shape[0], attn.num_heads, attn.head_dim)
-
-        def per_edge(v):  # radial terms are computed per pair slot ``d`` when pairs are known
-            return v if g.pair is None or v is None else v[g.pair]
-
         filt = None
         if self.filters is not None:
             act = ACTIVATIONS[self.config.activation]
             inner, outer = self.filters[t]
-            filt = per_edge(outer(act(inner(attn.rbf(d))))).reshape((-1,) + shape[1:])
-        o = smooth_graph_attention(
-            attn.query(x).reshape(shape), attn.key(x).reshape(shape),
-            attn.value(x).reshape(shape), senders=g.senders, receivers=g.receivers,
-            num_segments=n, envelope=envelope,
-            bias=per_edge(attn.edge_logit_bias(distances=d)), value_filter=filt)
-        return attn.out(o.reshape(n, -1))
+            filt = _per_edge(outer(act(inner(rbf))), g).reshape((-1,) + shape[1:])
+        alpha = smooth_attention_weights(
+            attn.query(x).reshape(shape), attn.key(x).reshape(shape), senders=g.senders,
+            receivers=g.receivers, num_segments=n, envelope=envelope,
+            bias=_per_edge(attn.edge_logit_bias(distances=d), g))
+        values = attn.value(x).reshape(shape)[g.senders]
+        values = values if filt is None else values * filt
+        o = segment_sum(alpha[..., None] * values, g.receivers, num_segments=n)
+        return attn.out(o.reshape(n, -1)), alpha
+
+    def _vector_block(self, t: int, x, h, vec, alpha, unit, g, rbf):
+        """PaiNN-style vector message (weighted by the attention) and update of block ``t``.
+
+        ``V_i += Σ_e alpha_e ⊙ [a_e r̂_e + b_e ⊙ V_{s_e}]`` with ``(a_e, b_e) = φ(x_{s_e}) ⊙
+        W(r_e)`` per channel (``alpha`` of the channel's head); then with ``U V``, ``W V``
+        (channel mixes): ``V += g_vv ⊙ U V`` and ``h += g_sv ⊙ <U V, W V> + g_ss`` where
+        ``(g_vv, g_sv, g_ss) = MLP([x, |W V|])``. Norms and dot products are invariant, so
+        ``h`` (hence the energy) is; ``V`` rotates with the molecule.
+        """
+        act = ACTIVATIONS[self.config.activation]
+        n, dim = h.shape
+        heads = alpha.shape[1]
+        a_ch = jnp.repeat(alpha, dim // heads, axis=1)  # [E, dim]: each channel its head's
+        phi = self.vec_sender[t](x)[g.senders] * _per_edge(self.vec_radial[t](rbf), g)
+        along, keep = phi[:, :dim], phi[:, dim:]
+        msg = along[:, None, :] * unit[:, :, None] + keep[:, None, :] * vec[g.senders]
+        vec = vec + segment_sum(a_ch[:, None, :] * msg, g.receivers, num_segments=n)
+        uv, wv = self.vec_u[t](vec), self.vec_w[t](vec)  # [N, 3, dim]
+        gate = self.vec_gate_out[t](act(self.vec_gate_in[t](
+            jnp.concatenate([x, safe_norm(wv, axis=1)], axis=-1))))
+        g_vv, g_sv, g_ss = gate[:, :dim], gate[:, dim:2 * dim], gate[:, 2 * dim:]
+        vec = vec + g_vv[:, None, :] * uv
+        h = h + g_sv * jnp.sum(uv * wv, axis=1) + g_ss
+        return h, vec
 
     def __call__(self, graph: jraph.GraphsTuple, *, per_atom: bool = False):
         """Energies [num_graphs] (and per-atom energies [num_nodes] with ``per_atom``)."""
@@ -233,12 +294,27 @@ class AttentionPotential(nnx.Module):
         d = g.distances if g.pair is None else pair_mean(g.distances, g.pair)
         envelope = polynomial_cutoff(d, c.cutoff)
         envelope = envelope if g.pair is None else envelope[g.pair]
+        rbf = self.attentions[0].rbf(d) if c.smooth else None
         h = self.embed(graph.nodes)
+        vec = unit = None
+        if c.vector_features:
+            vec = jnp.zeros((h.shape[0], 3, c.dim), h.dtype)
+            r = g.distances[:, None]
+            unit = jnp.where(r > 0, g.vectors / jnp.where(r > 0, r, 1.0), 0.0)
         for t in range(c.steps):
-            h = h + self._attend(t, self.attn_norms[t](h), g, envelope, d)
+            x = self.attn_norms[t](h)
+            out, alpha = self._attend(t, x, g, envelope, d, rbf)
+            h = h + out
+            if c.vector_features:
+                h, vec = self._vector_block(t, x, h, vec, alpha, unit, g, rbf)
             h = h + self.ff_out[t](act(self.ff_in[t](self.ff_norms[t](h))))
         return self.readout(self.final_norm(h), g.n_node, mask=_node_mask(graph),
                             per_atom=per_atom)
+
+
+def _per_edge(v, g):
+    """Radial terms are computed once per pair slot when the edges come in pairs."""
+    return v if g.pair is None else v[g.pair]
 
 
 # ------------------------------------------------------------------ reference and wrapper
