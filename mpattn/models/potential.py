@@ -196,6 +196,16 @@ class AttentionPotential(nnx.Module):
     The value filter gives every channel its own radial dependence (without it geometry
     enters only through one attention weight per head; on 200 rattled ethanol frames with
     EMT labels it lowered the test force MAE from 81 to 28 meV/Å at equal steps).
+
+    With ``vector_features`` every atom also carries ``dim`` vector channels ``V_i`` [3, dim]
+    (zero at the start) that see directions, not only distances (PaiNN, Schütt et al., ICML
+    2021, with its filters weighted by the attention): after each attention block,
+    ``V_i += Σ_e alpha_e ⊙ [a_e r̂_e + b_e ⊙ V_{s_e}]`` and the gated update
+    ``V += g_vv ⊙ U V``, ``h += g_sv ⊙ <U V, W V> + g_ss`` (:meth:`_vector_block`). The energy
+    stays invariant (``h`` sees ``V`` only through norms and dot products) and smooth (every
+    message carries the attention's envelope). On QM9 with the ``cpu`` preset it lowered the
+    validation MAE after 8 epochs from 93.7 to 71.0 meV at 1.7x the cost per molecule
+    on a CPU (README, "Training on QM9").
     """
 
     def __init__(self, config: AttentionPotentialConfig | None = None, *, rngs: nnx.Rngs):
