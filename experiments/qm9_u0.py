@@ -63,6 +63,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--weighting", choices=WEIGHTINGS, help="size weighting of the loss")
     ap.add_argument("--weight-r", type=float, help="exponent r of the size weighting")
     ap.add_argument("--ema-decay", type=float, help="evaluate with EMA weights (e.g. 0.999)")
+    ap.add_argument("--weight-decay", type=float,
+                    help="AdamW decay of the weight matrices (default 0: Adam)")
     ap.add_argument("--min-atoms", type=int, help="train only on molecules this large or more")
     ap.add_argument("--max-atoms", type=int, help="train only on molecules this large or less")
     ap.add_argument("--cap-per-size", type=int,
@@ -102,6 +104,7 @@ def main(argv=None) -> int:
               "edge_set": args.edge_set, "cutoff": args.cutoff, "seed": args.seed,
               "num_devices": args.num_devices, "weighting": args.weighting,
               "weight_r": args.weight_r, "ema_decay": args.ema_decay,
+              "weight_decay": args.weight_decay,
               "min_atoms": args.min_atoms, "max_atoms": args.max_atoms,
               "cap_per_size": args.cap_per_size}
     config = dataclasses.replace(preset.train, **{k: v for k, v in fields.items()

@@ -76,6 +76,7 @@ class TrainConfig:
     batch_size: int = 32
     eval_batch_size: int = 256
     clip_norm: float | None = 10.0
+    weight_decay: float = 0.0  # AdamW's decoupled decay of the weight matrices (0: Adam)
     ema_decay: float | None = None
     seed: int = 0
     time_budget_min: float | None = None
@@ -159,7 +160,7 @@ def build_carry(config: TrainConfig, model_config, *, steps_per_epoch: int):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     optimizer = make_optimizer(config.lr, schedule=config.schedule,
                                steps_per_epoch=steps_per_epoch, epochs=config.epochs,
-                               clip_norm=config.clip_norm)
+                               clip_norm=config.clip_norm, weight_decay=config.weight_decay)
     carry = {"params": params, "rest": rest, "opt": optimizer.init(params),
              "step": jnp.zeros((), jnp.int32)}
     if config.ema_decay:

@@ -104,8 +104,10 @@ def make_optimizer(lr: float, *, schedule: str = "step", steps_per_epoch: int, e
                    floor: float = 1e-5, warmup_epochs: float = 1, final_lr: float = 1e-6,
                    plateau_patience: int = 10, plateau_factor: float = 0.5,
                    plateau_rtol: float = 1e-4, plateau_cooldown: int = 0,
-                   plateau_min_lr: float = 1e-6) -> optax.GradientTransformationExtraArgs:
-    """Adam with a learning-rate schedule and gradient clipping by global norm.
+                   plateau_min_lr: float = 1e-6, weight_decay: float = 0.0
+                   ) -> optax.GradientTransformationExtraArgs:
+    """Adam (AdamW with ``weight_decay``) with a learning-rate schedule and gradient clipping
+    by global norm.
 
     Args:
         lr: peak (initial) learning rate.
@@ -119,6 +121,9 @@ def make_optimizer(lr: float, *, schedule: str = "step", steps_per_epoch: int, e
         epochs: length of the run (for the cosine schedule).
         clip_norm: global gradient norm cap applied before Adam (None: no clipping).
         b1, b2, eps: Adam's parameters.
+        weight_decay: decoupled weight decay (AdamW: ``p -= lr * weight_decay * p`` besides
+            the Adam step) of the weight matrices and kernels (leaves with ``ndim >= 2``);
+            biases, LayerNorm scales and offsets are not decayed. 0: plain Adam.
 
     Returns:
         A transformation whose ``update`` accepts (and, but for ``"plateau"``, ignores)
@@ -132,8 +137,16 @@ def make_optimizer(lr: float, *, schedule: str = "step", steps_per_epoch: int, e
         if not clip_norm > 0:
             raise ValueError(f"clip_norm must be positive or None, got {clip_norm}")
         parts.append(optax.clip_by_global_norm(clip_norm))
-    parts.append(optax.inject_hyperparams(optax.adam)(learning_rate=sched, b1=b1, b2=b2,
-                                                      eps=eps))
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if weight_decay:
+        # static: inject_hyperparams would call a callable mask as a schedule of the step
+        parts.append(optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+            learning_rate=sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+            mask=lambda params: jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)))
+    else:
+        parts.append(optax.inject_hyperparams(optax.adam)(learning_rate=sched, b1=b1, b2=b2,
+                                                          eps=eps))
     if schedule == "plateau":
         parts.append(optax.contrib.reduce_on_plateau(
             factor=plateau_factor, patience=_positive("plateau_patience", plateau_patience),

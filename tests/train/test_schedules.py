@@ -164,3 +164,26 @@ def test_current_lr_with_layernorm_parameters_in_the_state():
     for schedule in ("step", "plateau"):
         opt = make_optimizer(1e-3, schedule=schedule, steps_per_epoch=10)
         np.testing.assert_allclose(current_lr(opt.init(params)), 1e-3, rtol=1e-6)
+
+
+def test_weight_decay_shrinks_weight_matrices_only():
+    """AdamW with zero gradients: kernels shrink by lr * wd * p per step (hand-computed), 1-d
+    leaves (biases, LayerNorm scales) do not move; wd = 0 is Adam; the learning rate is
+    still readable; a negative decay is an error."""
+    params = {"kernel": jnp.full((2, 3), 2.0), "bias": jnp.ones(3), "scale": jnp.full(3, 0.5)}
+    zero = jax.tree.map(jnp.zeros_like, params)
+    tx = make_optimizer(0.1, schedule="constant", steps_per_epoch=1, weight_decay=0.01,
+                        clip_norm=None)
+    state, p = tx.init(params), params
+    for _ in range(2):
+        updates, state = tx.update(zero, state, p)
+        p = optax.apply_updates(p, updates)
+    np.testing.assert_allclose(p["kernel"], 2.0 * (1 - 0.1 * 0.01) ** 2, rtol=1e-6)
+    np.testing.assert_array_equal(p["bias"], 1.0)
+    np.testing.assert_array_equal(p["scale"], 0.5)
+    assert current_lr(state) == pytest.approx(0.1)
+    plain = make_optimizer(0.1, schedule="constant", steps_per_epoch=1, clip_norm=None)
+    updates, _ = plain.update(zero, plain.init(params), params)
+    assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        make_optimizer(0.1, steps_per_epoch=1, weight_decay=-1.0)
