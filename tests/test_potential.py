@@ -233,19 +233,22 @@ def test_smooth_graph_attention_by_hand():
     senders, receivers = np.array([1, 2, 0, 2]), np.array([0, 0, 1, 1])
     env = np.array([0.9, 0.3, 1.0, 0.0])
     bias, filt = rng.normal(size=(4, 2)), rng.normal(size=(4, 2, 4))
-    got = smooth_graph_attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)),
-                                 senders=senders, receivers=receivers, num_segments=3,
-                                 envelope=jnp.asarray(env, jnp.float32),
-                                 bias=jnp.asarray(bias, jnp.float32),
-                                 value_filter=jnp.asarray(filt, jnp.float32))
-    want = np.zeros((3, 2, 4))
+    got, alpha = smooth_graph_attention(
+        *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), senders=senders,
+        receivers=receivers, num_segments=3, envelope=jnp.asarray(env, jnp.float32),
+        bias=jnp.asarray(bias, jnp.float32), value_filter=jnp.asarray(filt, jnp.float32),
+        return_weights=True)
+    want, want_alpha = np.zeros((3, 2, 4)), np.zeros((4, 2))
     for node in range(3):
         for h in range(2):
             es = [e for e in range(4) if receivers[e] == node]
             w = [env[e] * np.exp(q[node, h] @ k[senders[e], h] / 2 + bias[e, h]) for e in es]
             for e, we in zip(es, w, strict=True):
                 want[node, h] += we / (1 + sum(w)) * v[senders[e], h] * filt[e, h]
+                want_alpha[e, h] = we / (1 + sum(w))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(alpha, want_alpha, rtol=1e-5, atol=1e-7)
+    assert alpha[3].tolist() == [0.0, 0.0]  # envelope 0: weight exactly 0
     np.testing.assert_array_equal(got[2], 0.0)  # no neighbours: nothing, not NaN
 
 

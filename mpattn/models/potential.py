@@ -54,7 +54,6 @@ __all__ = [
     "energy_force_loss",
     "fit_reference",
     "force_metrics",
-    "smooth_attention_weights",
     "smooth_graph_attention",
 ]
 
@@ -78,7 +77,8 @@ def smooth_graph_attention(
     envelope: Float[Array, " num_edges"],
     bias: Float[Array, "num_edges num_heads"] | None = None,
     value_filter: Float[Array, "num_edges num_heads features"] | None = None,
-) -> Float[Array, "num_nodes num_heads features"]:
+    return_weights: bool = False,
+):
     """Graph attention whose output is smooth when a neighbour crosses the cutoff.
 
     ``alpha[e] = f(r_e) exp(l_e) / (1 + Σ_{e'→v} f(r_e') exp(l_e'))`` with the logits
@@ -101,28 +101,12 @@ def smooth_graph_attention(
         envelope: [num_edges] ``f(r_e)`` in [0, 1], e.g. :func:`polynomial_cutoff`.
         bias: optional [num_edges, num_heads] additive logit bias.
         value_filter: optional [num_edges, num_heads, features] per-edge value filter.
+        return_weights: also return ``alpha`` [num_edges, num_heads].
 
     Returns:
         [num_segments, num_heads, features] ``Σ_e alpha[e] v[s_e] (⊙ filter[e])`` (0 for a
-        node without neighbours inside the cutoff).
+        node without neighbours inside the cutoff), and ``alpha`` with ``return_weights``.
     """
-    alpha = smooth_attention_weights(q, k, senders=senders, receivers=receivers,
-                                     num_segments=num_segments, envelope=envelope, bias=bias)
-    values = v[senders] if value_filter is None else v[senders] * value_filter
-    return segment_sum(alpha[..., None] * values, receivers, num_segments=num_segments)
-
-
-def smooth_attention_weights(
-    q: Float[Array, "num_nodes num_heads head_dim"],
-    k: Float[Array, "num_nodes num_heads head_dim"],
-    *,
-    senders: Int[Array, " num_edges"],
-    receivers: Int[Array, " num_edges"],
-    num_segments: int,
-    envelope: Float[Array, " num_edges"],
-    bias: Float[Array, "num_edges num_heads"] | None = None,
-) -> Float[Array, "num_edges num_heads"]:
-    """The weights ``alpha[e]`` of :func:`smooth_graph_attention` [num_edges, num_heads]."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     logits = jnp.sum(q[receivers] * k[senders], axis=-1) * scale  # [E, H]
     if bias is not None:
@@ -135,7 +119,10 @@ def smooth_attention_weights(
     shifted = jnp.where(active, logits - m[receivers], 0.0)  # double where: no inf in grads
     ex = jnp.where(active, env * jnp.exp(shifted), 0.0)
     denom = jnp.exp(-m) + segment_sum(ex, receivers, num_segments=num_segments)
-    return ex / denom[receivers]
+    alpha = ex / denom[receivers]
+    values = v[senders] if value_filter is None else v[senders] * value_filter
+    out = segment_sum(alpha[..., None] * values, receivers, num_segments=num_segments)
+    return (out, alpha) if return_weights else out
 
 
 @dataclass(frozen=True)
@@ -261,13 +248,12 @@ class AttentionPotential(nnx.Module):
             act = ACTIVATIONS[self.config.activation]
             inner, outer = self.filters[t]
             filt = _per_edge(outer(act(inner(rbf))), g).reshape((-1,) + shape[1:])
-        alpha = smooth_attention_weights(
-            attn.query(x).reshape(shape), attn.key(x).reshape(shape), senders=g.senders,
-            receivers=g.receivers, num_segments=n, envelope=envelope,
-            bias=_per_edge(attn.edge_logit_bias(distances=d), g))
-        values = attn.value(x).reshape(shape)[g.senders]
-        values = values if filt is None else values * filt
-        o = segment_sum(alpha[..., None] * values, g.receivers, num_segments=n)
+        o, alpha = smooth_graph_attention(
+            attn.query(x).reshape(shape), attn.key(x).reshape(shape),
+            attn.value(x).reshape(shape), senders=g.senders, receivers=g.receivers,
+            num_segments=n, envelope=envelope,
+            bias=_per_edge(attn.edge_logit_bias(distances=d), g), value_filter=filt,
+            return_weights=True)
         return attn.out(o.reshape(n, -1)), alpha
 
     def _vector_block(self, t: int, x, h, vec, alpha, unit, g, rbf):
