@@ -40,39 +40,32 @@ DEFAULT_MODEL: dict[str, dict] = {"attention_potential": {"steps": 2}, "schnet":
     "dim": 64, "num_filters": 64, "interactions": 3, "num_rbf": 32}}
 
 
-def calibrate_epochs(trainer, minutes: float, *, steps: int = 20) -> int:
-    """Epochs that fit ``minutes`` of training, timed on a copy of the trainer's state.
+def calibrate_epochs(make_trainer, config, minutes: float, *, epochs: int = 3) -> int:
+    """Epochs that fit ``minutes`` of training, timed on the whole epoch loop.
 
-    The compiled step runs ``steps`` batches (after one compiling call) and one validation
-    pass is timed; the trainer's own state is untouched. The caller rebuilds its trainer
-    with the returned number of epochs (the cosine schedule spans them), which compiles the
-    step once more: about the first compilation's time is reserved for that.
+    ``make_trainer(config, workdir)`` builds a throwaway trainer in a temporary folder; it runs
+    one epoch (compiling), then ``epochs`` more, through ``fit`` itself, so the time per epoch
+    holds everything an epoch costs: the train steps, the validation pass, metrics.csv and the
+    checkpoint (timing bare steps alone missed the last two and planned 13-40% too many
+    epochs, cutting the cosine schedule short). The real run compiles again: the first
+    epoch's extra time is reserved for that.
     """
-    import jax
-    import jax.numpy as jnp
+    import tempfile
 
-    carry = jax.tree.map(jnp.copy, trainer.carry)
-    batches = []
-    for b in trainer.loader.epoch(0):
-        batches.append(b)
-        if len(batches) > steps:
-            break
-    t0 = time.perf_counter()
-    carry, loss = trainer.train_step(carry, trainer.rest, batches[0])
-    jax.block_until_ready(loss)
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for b in batches[1:]:
-        carry, loss = trainer.train_step(carry, trainer.rest, b)
-    jax.block_until_ready(loss)
-    per_step = (time.perf_counter() - t0) / max(len(batches) - 1, 1)
-    trainer.report("val")  # compiles the evaluation
-    t0 = time.perf_counter()
-    trainer.report("val")
-    epoch_s = per_step * trainer.steps_per_epoch + (time.perf_counter() - t0) + 0.05
-    # 0.85: on a shared machine the step time fluctuates; an overestimate would stop the run
+    with tempfile.TemporaryDirectory(prefix="mpattn-calibrate-") as tmp:
+        trial = make_trainer(dataclasses.replace(config, epochs=1, time_budget_min=None),
+                             Path(tmp))
+        t0 = time.perf_counter()
+        trial.fit(progress=False)
+        first_s = time.perf_counter() - t0
+        trial.config = dataclasses.replace(trial.config, epochs=1 + epochs)
+        t0 = time.perf_counter()
+        trial.fit(progress=False)
+        epoch_s = (time.perf_counter() - t0) / epochs
+    compile_s = max(first_s - epoch_s, 0.0)
+    # 0.9: on a shared machine the epoch time fluctuates; an overestimate would stop the run
     # before its cosine schedule ends
-    return max(1, int(0.85 * (60 * minutes - 1.5 * compile_s) / epoch_s))
+    return max(1, int(0.9 * (60 * minutes - compile_s) / epoch_s))
 
 
 def _versions() -> dict:
@@ -111,13 +104,14 @@ def run(args: argparse.Namespace, *, log=print) -> dict:
                              epochs=args.epochs or 1, batch_size=args.batch_size,
                              seed=args.seed, time_budget_min=args.time_budget_min)
     prepared = prepare_frames(frames, (train, val, test), config)
-    trainer = PotentialTrainer(config, prepared, workdir, model_config=model_config, log=log)
     if args.epochs is None:
-        epochs = calibrate_epochs(trainer, args.time_budget_min)
+        epochs = calibrate_epochs(
+            lambda c, folder: PotentialTrainer(c, prepared, folder, model_config=model_config,
+                                               log=lambda _msg: None),
+            config, args.time_budget_min)
         log(f"{epochs} epochs fit the {args.time_budget_min} min budget")
         config = dataclasses.replace(config, epochs=epochs)
-        trainer = PotentialTrainer(config, prepared, workdir, model_config=model_config,
-                                   log=log)
+    trainer = PotentialTrainer(config, prepared, workdir, model_config=model_config, log=log)
     log(f"{args.model}: {trainer.num_params} parameters, {len(train)}/{len(val)}/{len(test)} "
         f"frames, {config.epochs} epochs of {trainer.steps_per_epoch} steps")
     t0 = time.perf_counter()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import time
 
 import jax
 import numpy as np
@@ -159,3 +160,30 @@ def test_restore_latest_continues_exactly(frames, tmp_path):
     np.testing.assert_allclose(b, a, rtol=1e-5)
     np.testing.assert_allclose(second.report("test")["force_mae_mev_ang"],
                                straight.report("test")["force_mae_mev_ang"], rtol=1e-5)
+
+
+def test_calibrate_epochs_times_whole_epochs_in_a_throwaway_folder(tmp_path):
+    """The epoch estimate comes from ``fit`` itself (steps, validation, checkpoint), in a
+    temporary folder; a synthetic trainer whose epochs take a known time pins the arithmetic."""
+    from experiments.ethanol_potential import calibrate_epochs
+
+    built = []
+
+    class Sleepy:  # first epoch: 0.3 s "compile" + 0.1 s; then 0.1 s per epoch
+        def __init__(self, config, folder):
+            self.config, self.folder, self.epoch = config, folder, 0
+            built.append(self)
+
+        def fit(self, progress=True):
+            assert self.folder.is_dir() and not progress
+            while self.epoch < self.config.epochs:
+                time.sleep(0.4 if self.epoch == 0 else 0.1)
+                self.epoch += 1
+
+    config = PotentialConfig(epochs=500, time_budget_min=0.05)
+    n = calibrate_epochs(Sleepy, config, 0.05)  # 3 s budget: 0.9 * (3 - 0.3) / 0.1 = 24.3
+    assert 21 <= n <= 24
+    (trial,) = built
+    assert trial.epoch == 4 and trial.config.time_budget_min is None
+    assert not trial.folder.exists()  # the throwaway checkpoints are gone
+    assert config.epochs == 500  # the caller's config is untouched
