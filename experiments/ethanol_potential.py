@@ -101,6 +101,7 @@ def run(args: argparse.Namespace, *, log=print) -> dict:
     cutoff = float(overrides.pop("cutoff", 5.0))
     model_config = default_config(args.model, cutoff=cutoff, **overrides)
     config = PotentialConfig(model=args.model, cutoff=cutoff, beta=args.beta, lr=args.lr,
+                             weight_decay=args.weight_decay,
                              epochs=args.epochs or 1, batch_size=args.batch_size,
                              seed=args.seed, time_budget_min=args.time_budget_min)
     prepared = prepare_frames(frames, (train, val, test), config)
@@ -184,6 +185,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--beta", type=float, default=0.99)
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW decoupled weight decay of the weight matrices (default 0: Adam)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default="runs/ethanol")
     p.add_argument("--md-ps", type=float, default=10.0)
