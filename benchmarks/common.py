@@ -11,7 +11,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-__all__ = ["RESULTS", "device_name", "machine_info", "mse_adam_steps", "write_result"]
+__all__ = ["RESULTS", "add_dataset_cache_argument", "device_name", "machine_info",
+           "mse_adam_steps", "qm9_graphs", "qm9_molecules", "write_result"]
 
 
 def device_name() -> str:
@@ -48,6 +49,37 @@ def machine_info() -> dict:
         "versions": versions,
         "date": _dt.date.today().isoformat(),
     }
+
+
+def add_dataset_cache_argument(ap) -> None:
+    """``--dataset-cache FILE``: every QM9 benchmark reads the featurized cache instead of
+    qm9pack when given one (a machine without qm9pack or RDKit, such as a lent GPU host)."""
+    ap.add_argument("--dataset-cache", type=Path, default=None,
+                    help="featurized QM9 cache file (qm9-<key>.npz; no qm9pack/RDKit needed)")
+
+
+def qm9_molecules(dataset_cache: Path | None = None):
+    """All of QM9: the ``dataset_cache`` file if given, else ``load_qm9()`` (qm9pack)."""
+    if dataset_cache is not None:
+        from mpattn.data.cache import load_molset
+
+        return load_molset(Path(dataset_cache))
+    from mpattn.data.qm9 import load_qm9
+
+    return load_qm9(progress=False)
+
+
+def qm9_graphs(n: int, edge_set: str = "complete", *, seed: int = 0,
+               dataset_cache: Path | None = None):
+    """A seeded random sample of ``n`` QM9 molecules as a GraphSet with the U0 target (the
+    first rows of QM9 are its smallest molecules, hence the random draw)."""
+    import numpy as np
+
+    from mpattn.featurize import FeaturizeOptions
+
+    ms = qm9_molecules(dataset_cache)
+    pick = np.random.default_rng(seed).choice(len(ms), size=min(n, len(ms)), replace=False)
+    return ms.subset(pick).to_graphset(FeaturizeOptions(edge_set=edge_set), targets=["U0"])
 
 
 def write_result(name: str, payload: dict, directory: Path = RESULTS) -> Path:

@@ -21,17 +21,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import mse_adam_steps, write_result
-
-
-def _qm9_graphs(n: int, edge_set: str, seed: int = 0):
-    """A seeded random sample of all of QM9 (cached; the first rows are smaller molecules)."""
-    from mpattn.data.qm9 import load_qm9
-    from mpattn.featurize import FeaturizeOptions
-
-    ms = load_qm9(progress=False)
-    pick = np.random.default_rng(seed).choice(len(ms), size=min(n, len(ms)), replace=False)
-    return ms.subset(pick).to_graphset(FeaturizeOptions(edge_set=edge_set), targets=["U0"])
+from benchmarks.common import add_dataset_cache_argument, mse_adam_steps, qm9_graphs, write_result
 
 
 def measure(name: str, gs, batch_size: int, batches: int, overrides: dict | None = None) -> dict:
@@ -108,10 +98,11 @@ def main(argv=None) -> int:
     ap.add_argument("--edge-set", default="complete", choices=["complete", "bonds"])
     ap.add_argument("--model-config", default="{}",
                     help='config overrides (JSON) for every model measured, e.g. \'{"dim": 48}\'')
+    add_dataset_cache_argument(ap)
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
     overrides = json.loads(args.model_config)
-    gs = _qm9_graphs(args.molecules, args.edge_set)
+    gs = qm9_graphs(args.molecules, args.edge_set, dataset_cache=args.dataset_cache)
     rows = []
     for name in args.models:
         r = measure(name, gs, args.batch_size, args.batches, overrides)

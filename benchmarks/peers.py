@@ -63,6 +63,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import add_dataset_cache_argument
 from benchmarks.pyg_models import (
     MODELS,
     build_pyg,
@@ -272,7 +273,8 @@ def _ours_row(model: str, results: dict, planned: int | None) -> dict:
 
 
 def accuracy_rows(models, speed: dict, *, minutes: float, batch_size: int, workdir: Path,
-                  preset_row: bool = True, progress: bool = True) -> list[dict]:
+                  preset_row: bool = True, progress: bool = True,
+                  dataset_cache: Path | None = None) -> list[dict]:
     """Test MAE after ``minutes`` of training for ours and PyG (see the module docstring).
 
     Args:
@@ -281,12 +283,14 @@ def accuracy_rows(models, speed: dict, *, minutes: float, batch_size: int, workd
         minutes: Training time per run.
         batch_size: Training batch size.
         workdir: Folder for ``run_qm9``'s outputs and the shared split file.
+        dataset_cache: a featurized QM9 cache file to read instead of qm9pack.
     """
-    from mpattn.data.qm9 import load_qm9, make_split, save_split
+    from benchmarks.common import qm9_molecules
+    from mpattn.data.qm9 import make_split, save_split
     from mpattn.train.experiment import PRESETS, run_qm9
     from mpattn.train.loop import TrainConfig, prepare
 
-    ms = load_qm9(progress=False)
+    ms = qm9_molecules(dataset_cache)
     split = make_split(ms.ids, sizes=SIZES, seed=0)
     split_file = save_split(split, workdir / "split.json")  # every run_qm9 reads this split
     rows, prepared = [], None
@@ -297,7 +301,7 @@ def accuracy_rows(models, speed: dict, *, minutes: float, batch_size: int, workd
             prepared = prepare(ms, split, cfg)
         plan = {fw: planned_epochs(minutes, speed[name, fw], SIZES[0]) for fw in ("ours", "pyg")}
         res = run_qm9(dataclasses.replace(cfg, epochs=plan["ours"]), workdir=workdir / name,
-                      split_file=split_file, progress=progress)
+                      split_file=split_file, progress=progress, dataset_cache=dataset_cache)
         rows.append(_ours_row(name, res, plan["ours"]))
         print(format_accuracy_row(rows[-1]), flush=True)
         pyg = train_pyg(name, prepared, minutes=minutes, epochs=plan["pyg"],
@@ -309,7 +313,7 @@ def accuracy_rows(models, speed: dict, *, minutes: float, batch_size: int, workd
         p = PRESETS["cpu"]
         cfg = dataclasses.replace(p.train, time_budget_min=minutes)
         res = run_qm9(cfg, workdir=workdir / f"{cfg.model}-cpu-preset", split_file=split_file,
-                      preset="cpu", progress=progress)
+                      preset="cpu", progress=progress, dataset_cache=dataset_cache)
         rows.append(_ours_row(f"{cfg.model} (cpu preset)", res, cfg.epochs))
         print(format_accuracy_row(rows[-1]), flush=True)
     return rows
@@ -377,6 +381,7 @@ def main(argv=None) -> int:
                     help="run_qm9 outputs of --minutes (default: a temporary folder)")
     ap.add_argument("--out", type=Path, default=None,
                     help="folder of the JSON/PNG (default benchmarks/results)")
+    add_dataset_cache_argument(ap)
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
     try:
@@ -384,12 +389,11 @@ def main(argv=None) -> int:
     except ImportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from benchmarks.common import RESULTS, write_result
-    from benchmarks.models import _qm9_graphs
+    from benchmarks.common import RESULTS, qm9_graphs, write_result
 
     torch.set_num_threads(args.threads)
     sizes = list(dict.fromkeys(args.batch_sizes + ([args.batch_size] if args.minutes else [])))
-    gs = _qm9_graphs(args.molecules, "complete")
+    gs = qm9_graphs(args.molecules, "complete", dataset_cache=args.dataset_cache)
     print(SPEED_HEADER, flush=True)
     rows = []
     for name in args.models:
@@ -408,7 +412,8 @@ def main(argv=None) -> int:
             print(ACCURACY_HEADER, flush=True)
             acc = accuracy_rows(args.models, speed, minutes=args.minutes,
                                 batch_size=args.batch_size, workdir=workdir,
-                                preset_row=not args.no_preset_row)
+                                preset_row=not args.no_preset_row,
+                                dataset_cache=args.dataset_cache)
         print(ACCURACY_HEADER)
         print("\n".join(format_accuracy_row(r) for r in acc))
         payload["accuracy"] = {"minutes": args.minutes, "batch_size": args.batch_size,

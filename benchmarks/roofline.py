@@ -168,7 +168,7 @@ def format_row(r: dict) -> str:
 def main(argv=None) -> int:
     import jax
 
-    from benchmarks.models import _qm9_graphs
+    from benchmarks.common import add_dataset_cache_argument, qm9_graphs
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.roofline",
                                  description=__doc__.split("\n")[0])
@@ -176,6 +176,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--molecules", type=int, default=2000)
+    add_dataset_cache_argument(ap)
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
     accel = jax.devices()[0].platform != "cpu"
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
     print(f"device {jax.devices()[0].device_kind}: matmul peak {peak / 1e9:.1f} GFLOP/s "
           f"(float32 {n}x{n}), bandwidth {bw / 1e9:.1f} GB/s (2*x over {nbytes >> 20} MiB); "
           f"ridge {peak / bw:.1f} FLOP/byte", flush=True)
-    gs = _qm9_graphs(args.molecules, "complete")
+    gs = qm9_graphs(args.molecules, "complete", dataset_cache=args.dataset_cache)
     print(HEADER, flush=True)
     rows = []
     for name in args.models:

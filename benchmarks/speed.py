@@ -214,7 +214,7 @@ def format_row(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from benchmarks.models import _qm9_graphs
+    from benchmarks.common import add_dataset_cache_argument, qm9_graphs
     from mpattn.models import model_names
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.speed",
@@ -224,9 +224,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, default=8, help="timed batches per model and size")
     ap.add_argument("--molecules", type=int, default=2000,
                     help="QM9 molecules drawn at random (seeded) from the whole set")
+    add_dataset_cache_argument(ap)
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
-    gs = _qm9_graphs(args.molecules, "complete")
+    gs = qm9_graphs(args.molecules, "complete", dataset_cache=args.dataset_cache)
     print(HEADER, flush=True)
     rows = []
     for name in args.models:
