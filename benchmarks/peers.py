@@ -29,7 +29,10 @@ before timing, to a PyG ``Batch`` of its real molecules (:func:`pyg_arrays`, pad
 train step is forward + MSE + backward + Adam (ours: ``benchmarks.common.mse_adam_steps``,
 jit-compiled; compile time reported apart; PyG: one warm-up step first); inference is the
 forward pass (PyG under ``torch.inference_mode``). Throughput = real molecules / wall time over
-all batches; ratio = ours / PyG. torch uses ``--threads`` threads, JAX all cores.
+all batches; ratio = ours / PyG. torch uses ``--threads`` threads, JAX all cores. Where torch
+sees a GPU the peers run there (``--torch-device``), their batches moved to it before the clock
+starts and each timing ending with ``torch.cuda.synchronize``; JAX's memory preallocation is
+switched off so that both fit on one GPU.
 
 **Accuracy at equal time** (``--minutes M``): the ``cpu`` preset's split 15,000 / 1,000 / 5,000
 (``make_split``, seed 0, one split file for all runs); the same per-element reference and
@@ -71,6 +74,8 @@ from benchmarks.pyg_models import (
     pyg_batch,
     pyg_molecules,
     require_torch,
+    synchronize,
+    torch_device,
     torch_params,
 )
 
@@ -130,9 +135,11 @@ def pyg_mse_step(model, opt, batch) -> float:
 
 
 def measure_pyg(model, batches: list, lr: float = 1e-3) -> dict:
-    """Train (MSE + Adam) and inference throughput of a PyG model over converted batches."""
+    """Train (MSE + Adam) and inference throughput of a PyG model over converted batches,
+    which already sit on the model's device (the clock stops after the device's last kernel)."""
     torch, _ = require_torch()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    device = next(model.parameters()).device
 
     def step(b):
         return pyg_mse_step(model, opt, b)
@@ -142,26 +149,32 @@ def measure_pyg(model, batches: list, lr: float = 1e-3) -> dict:
             return model(b)
 
     mols = sum(int(b.num_graphs) for b in batches)
-    out = {"params": torch_params(model), "molecules": mols}
+    out = {"params": torch_params(model), "molecules": mols, "device": str(device)}
     for kind, fn in (("train", step), ("infer", infer)):
         model.train(kind == "train")
         t0 = time.perf_counter()
         fn(batches[0])  # warm-up
+        synchronize(device)
         out[f"warmup_s_{kind}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         for b in batches:
             fn(b)
+        synchronize(device)
         out[f"{kind}_mol_per_s"] = mols / (time.perf_counter() - t0)
     return out
 
 
-def measure_pair(name: str, gs, batch_size: int, batches: int) -> dict:
-    """Ours (``benchmarks.speed.measure``) and PyG's peer on the same batches: one table row."""
+def measure_pair(name: str, gs, batch_size: int, batches: int, device=None) -> dict:
+    """Ours (``benchmarks.speed.measure``) and PyG's peer on the same batches: one table row.
+    ``device``: the peer's torch device (default :func:`torch_device`: CUDA if there is one);
+    its batches are moved there before the clock starts, as ours are."""
     from benchmarks.speed import measure, qm9_batches
 
+    device = device or torch_device()
     ours = measure(name, gs, batch_size, batches)
-    data = [pyg_batch(pyg_arrays(b)) for b in qm9_batches(gs, batch_size, batches)]
-    pyg = measure_pyg(build_pyg(name), data)
+    data = [pyg_batch(pyg_arrays(b)).to(device)
+            for b in qm9_batches(gs, batch_size, batches)]
+    pyg = measure_pyg(build_pyg(name, device=device), data)
     if pyg["molecules"] != ours["molecules"]:
         raise RuntimeError(f"{name}: PyG saw {pyg['molecules']} molecules, ours "
                            f"{ours['molecules']}")
@@ -193,15 +206,17 @@ def _predict(model, data: list, batch_size: int = 256) -> np.ndarray:
     torch, _ = require_torch()
     from torch_geometric.loader import DataLoader
 
+    device = next(model.parameters()).device
     model.eval()
     with torch.inference_mode():
-        out = [model(b).double().numpy() for b in DataLoader(data, batch_size=batch_size)]
+        out = [model(b.to(device)).double().cpu().numpy()
+               for b in DataLoader(data, batch_size=batch_size)]
     return np.concatenate(out)
 
 
 def train_pyg(name: str, prepared, *, minutes: float, epochs: int, batch_size: int = 32,
               lr: float = 1e-3, clip_norm: float = 10.0, seed: int = 0, config=None,
-              progress: bool = True) -> dict:
+              progress: bool = True, device=None) -> dict:
     """Train the PyG peer on ``prepare``'s data for ``epochs`` or ``minutes``; best-by-val.
 
     Returns:
@@ -210,6 +225,8 @@ def train_pyg(name: str, prepared, *, minutes: float, epochs: int, batch_size: i
         clock: training + per-epoch validation), ``val_mae_mev``/``test_mae_mev`` of the
         weights with the best validation MAE, ``val_history`` (each validation), ``params``.
         ``config``: our model config the peer copies (default: the model's default).
+        ``device``: the peer's torch device (default :func:`torch_device`); each batch is
+        moved there inside the timed loop (host-to-device copies are part of its training).
     """
     torch, _ = require_torch()
     from torch_geometric.loader import DataLoader
@@ -221,7 +238,8 @@ def train_pyg(name: str, prepared, *, minutes: float, epochs: int, batch_size: i
         pred = prepared.transform.decode(_predict(model, data), part.counts)
         return error_report(pred, part.true, n_atoms=part.n_atoms)["mae_mev"]
 
-    model = build_pyg(name, config, seed=seed)
+    device = device or torch_device()
+    model = build_pyg(name, config, seed=seed, device=device)
     train, val = pyg_molecules(prepared.train.graphs), pyg_molecules(prepared.val.graphs)
     loader = DataLoader(train, batch_size=batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
@@ -236,6 +254,7 @@ def train_pyg(name: str, prepared, *, minutes: float, epochs: int, batch_size: i
             model.train()
             t0 = time.perf_counter()
             for b in loader:
+                b = b.to(device, non_blocking=True)
                 for group in opt.param_groups:
                     group["lr"] = float(lrs[min(step, len(lrs) - 1)])
                 opt.zero_grad()
@@ -245,9 +264,12 @@ def train_pyg(name: str, prepared, *, minutes: float, epochs: int, batch_size: i
                 opt.step()
                 step, mols = step + 1, mols + int(b.num_graphs)
                 bar.update(1)
+                if step % 50 == 0:  # the clock reads what the GPU has done, not what is queued
+                    synchronize(device)
                 if time.perf_counter() - t_start >= 60.0 * minutes:
                     stop = True
                     break
+            synchronize(device)
             train_s += time.perf_counter() - t0
             val_mae = mae(prepared.val, val)
             history.append(val_mae)
@@ -274,7 +296,7 @@ def _ours_row(model: str, results: dict, planned: int | None) -> dict:
 
 def accuracy_rows(models, speed: dict, *, minutes: float, batch_size: int, workdir: Path,
                   preset_row: bool = True, progress: bool = True,
-                  dataset_cache: Path | None = None) -> list[dict]:
+                  dataset_cache: Path | None = None, device=None) -> list[dict]:
     """Test MAE after ``minutes`` of training for ours and PyG (see the module docstring).
 
     Args:
@@ -284,6 +306,7 @@ def accuracy_rows(models, speed: dict, *, minutes: float, batch_size: int, workd
         batch_size: Training batch size.
         workdir: Folder for ``run_qm9``'s outputs and the shared split file.
         dataset_cache: a featurized QM9 cache file to read instead of qm9pack.
+        device: the PyG peers' torch device (default :func:`torch_device`).
     """
     from benchmarks.common import qm9_molecules
     from mpattn.data.qm9 import make_split, save_split
@@ -306,7 +329,7 @@ def accuracy_rows(models, speed: dict, *, minutes: float, batch_size: int, workd
         print(format_accuracy_row(rows[-1]), flush=True)
         pyg = train_pyg(name, prepared, minutes=minutes, epochs=plan["pyg"],
                         batch_size=batch_size, lr=cfg.lr, clip_norm=cfg.clip_norm,
-                        seed=cfg.seed, progress=progress)
+                        seed=cfg.seed, progress=progress, device=device)
         rows.append({"model": name, "framework": "pyg", "planned_epochs": plan["pyg"], **pyg})
         print(format_accuracy_row(rows[-1]), flush=True)
     if preset_row:
@@ -377,6 +400,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-preset-row", action="store_true",
                     help="skip the '<model> (cpu preset)' row of --minutes")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    ap.add_argument("--torch-device", default=None,
+                    help="the PyG peers' device: cpu, cuda, cuda:1 (default: cuda if torch "
+                         "sees a GPU, else cpu)")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="run_qm9 outputs of --minutes (default: a temporary folder)")
     ap.add_argument("--out", type=Path, default=None,
@@ -391,18 +417,22 @@ def main(argv=None) -> int:
         return 2
     from benchmarks.common import RESULTS, qm9_graphs, write_result
 
+    # JAX would take 75% of the GPU's memory at start-up and leave torch the rest
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     torch.set_num_threads(args.threads)
+    device = torch_device(args.torch_device)
     sizes = list(dict.fromkeys(args.batch_sizes + ([args.batch_size] if args.minutes else [])))
     gs = qm9_graphs(args.molecules, "complete", dataset_cache=args.dataset_cache)
     print(SPEED_HEADER, flush=True)
     rows = []
     for name in args.models:
         for bs in sizes:
-            rows.append(measure_pair(name, gs, bs, args.batches))
+            rows.append(measure_pair(name, gs, bs, args.batches, device=device))
             print(format_speed_row(rows[-1]), flush=True)
     payload = {"edge_set": "complete", "molecules": args.molecules, "batches": args.batches,
                "torch": torch.__version__, "torch_geometric": pyg.__version__,
-               "torch_threads": torch.get_num_threads(), "rows": rows}
+               "torch_threads": torch.get_num_threads(), "torch_device": str(device),
+               "rows": rows}
     if args.minutes:
         speed = {(r["model"], fw): r[fw]["train_mol_per_s"] for r in rows
                  if r["batch_size"] == args.batch_size for fw in ("ours", "pyg")}
@@ -413,7 +443,7 @@ def main(argv=None) -> int:
             acc = accuracy_rows(args.models, speed, minutes=args.minutes,
                                 batch_size=args.batch_size, workdir=workdir,
                                 preset_row=not args.no_preset_row,
-                                dataset_cache=args.dataset_cache)
+                                dataset_cache=args.dataset_cache, device=device)
         print(ACCURACY_HEADER)
         print("\n".join(format_accuracy_row(r) for r in acc))
         payload["accuracy"] = {"minutes": args.minutes, "batch_size": args.batch_size,

@@ -12,7 +12,8 @@ import functools
 import numpy as np
 
 __all__ = ["INSTALL_HINT", "MODELS", "build_pyg", "edge_features", "pyg_arrays", "pyg_batch",
-           "pyg_molecules", "require_torch", "torch_params"]
+           "pyg_molecules", "require_torch", "synchronize", "torch_device",
+           "torch_params"]
 
 MODELS = ("mpnn", "schnet")
 NUM_BOND_TYPES, NOT_BONDED = 5, 4
@@ -91,7 +92,7 @@ def pyg_molecules(gs) -> list:
 def edge_features(bond, dist, *, num_rbf: int, cutoff: float):
     """torch: ``one_hot(bond, 5) ⊕ gaussian_basis(dist, num_rbf, cutoff)`` [E, 5 + num_rbf]."""
     torch, _ = require_torch()
-    mu = torch.linspace(0.0, cutoff, num_rbf, dtype=dist.dtype)
+    mu = torch.linspace(0.0, cutoff, num_rbf, dtype=dist.dtype, device=dist.device)
     gamma = 0.5 / (cutoff / (num_rbf - 1)) ** 2
     rbf = torch.exp(-gamma * (dist[:, None] - mu) ** 2)
     one_hot = torch.nn.functional.one_hot(bond, NUM_BOND_TYPES).to(dist.dtype)
@@ -172,15 +173,32 @@ def _classes():
     return {"mpnn": PyGMPNN, "schnet": PyGSchNet}
 
 
-def build_pyg(name: str, config=None, *, seed: int = 0):
-    """The PyG peer of our model ``name`` (``config``: ours, default its default config)."""
+def torch_device(name: str | None = None):
+    """The torch device of the peers: ``name`` ("cpu", "cuda", "cuda:1"), else CUDA when torch
+    sees a GPU (JAX benchmarks there run on the GPU too), else the CPU."""
+    torch, _ = require_torch()
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued kernels (CUDA runs asynchronously; timing needs this)."""
+    torch, _ = require_torch()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_pyg(name: str, config=None, *, seed: int = 0, device=None):
+    """The PyG peer of our model ``name`` (``config``: ours, default its default config), on
+    ``device`` (default :func:`torch_device`)."""
     torch, _ = require_torch()
     from mpattn.models import default_config
 
     if name not in MODELS:
         raise ValueError(f"no PyG peer for {name!r}; choose from {list(MODELS)}")
     torch.manual_seed(seed)
-    return _classes()[name](config or default_config(name))
+    return _classes()[name](config or default_config(name)).to(device or torch_device())
 
 
 def torch_params(model) -> int:

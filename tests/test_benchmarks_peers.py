@@ -356,3 +356,18 @@ def test_plot_accuracy_writes_a_png(tmp_path):
     path = tmp_path / "peers.png"
     plot_accuracy(rows, path, minutes=10)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_torch_device_choice_and_the_peer_on_it():
+    pytest.importorskip("torch_geometric")
+    import torch
+
+    from benchmarks.pyg_models import build_pyg, synchronize, torch_device
+
+    assert torch_device("cpu") == torch.device("cpu")
+    assert torch_device("cuda:1") == torch.device("cuda", 1)  # named, not checked here
+    auto = torch_device()
+    assert auto.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_pyg("schnet", device=torch_device("cpu"))
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    synchronize(torch_device("cpu"))  # a no-op off CUDA
