@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The GPU measurements the README still lists as "not yet measured", in three stages that each
+# end inside 10 minutes, so that a short lease of one GPU machine covers them.
+#
+#   bash benchmarks/gpu_session.sh STAGE [QM9_CACHE]
+#
+# STAGE:
+#   bench    benchmarks.speed, benchmarks.peers (throughput; PyG on the same GPU) and
+#            benchmarks.roofline on QM9 batches                            (about 6-9 min)
+#   accuracy experiments.qm9_u0 on the cpu preset's split (15,000 training molecules) to
+#            convergence: the default model with vector channels, $EPOCHS epochs (default
+#            300) within 9 minutes                                          (about 9 min)
+#   scaling  benchmarks.scaling (energy + forces, 96 to 12,288 atoms of water) and a
+#            3-minute experiments.qm9_u0 --preset standard run              (about 8 min)
+#
+# QM9_CACHE: the featurized QM9 cache (default .cache/qm9.npz; `python -m mpattn.data.qm9
+# --summary` prints where it lives). With it no machine needs qm9pack or RDKit.
+#
+# QUICK=1 runs every step on a few molecules/atoms, to check the stages on any machine (run it
+# in a scratch clone: it writes result files like the real thing). PYTHON picks the
+# interpreter (default python3, the one that holds PyTorch on the lent GPU machines).
+#
+# Everything lands in one archive, $OUT/<stage>.tar.gz (OUT defaults to runs/gpu-session),
+# beside <stage>.log: unpack it in the repository root and the result files fall into
+# benchmarks/results/ (the experiment folders under benchmarks/results/<name>/).
+set -uo pipefail
+
+stage=${1:?usage: bash benchmarks/gpu_session.sh bench|accuracy|scaling [QM9_CACHE]}
+cache=${2:-.cache/qm9.npz}
+out=${OUT:-runs/gpu-session}
+epochs=${EPOCHS:-300}
+py=${PYTHON:-python3}
+if [[ ${QUICK:-0} == 1 ]]; then
+    small=(--models schnet --batches 1 --molecules 30)
+    speed=("${small[@]}" --batch-sizes 8)
+    roof=("${small[@]}" --batch-size 8)
+    few=(--train-size 200 --val-size 50 --test-size 50)
+    acc=("${few[@]}")
+    epochs=2
+    scal=(--models schnet --sizes 96 384 --repeats 1 --fit-min-atoms 96)
+    std=("${few[@]}" --epochs 1)
+else
+    speed=() roof=(--models mpnn schnet mhmp attention_potential) acc=() scal=() std=()
+fi
+case $stage in bench|accuracy|scaling) ;; *)
+    echo "unknown stage '$stage'; choose bench, accuracy or scaling" >&2; exit 2;;
+esac
+if [[ ! -f $cache ]]; then
+    echo "QM9 cache '$cache' not found (build it with: python -m mpattn.data.qm9 --summary)" >&2
+    exit 2
+fi
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+stamp=$(mktemp)  # result files newer than this are this stage's
+log="$out/$stage.log"
+day=$(date -u +%F)
+gpu=$("$py" -c "from benchmarks.common import device_name; print(device_name())")
+echo "stage $stage on $gpu, $(date -u +%FT%TZ), cache $cache" | tee "$log"
+
+step() {  # step SECONDS COMMAND...: a time limit per step, so one slow step spares the rest
+    local limit=$1; shift
+    echo "+ $*" | tee -a "$log"
+    timeout --signal=INT --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$log"
+    echo "exit status ${PIPESTATUS[0]} ($(date -u +%T))" | tee -a "$log"
+}
+
+case $stage in
+bench)
+    step 240 "$py" -m benchmarks.speed --dataset-cache "$cache" "${speed[@]}"
+    step 150 "$py" -m benchmarks.peers --dataset-cache "$cache" "${speed[@]}"
+    step 120 "$py" -m benchmarks.roofline --dataset-cache "$cache" "${roof[@]}"
+    ;;
+accuracy)
+    work=benchmarks/results/qm9_u0-$gpu-$day-vector-features-${epochs}epochs
+    step 560 "$py" -m experiments.qm9_u0 --dataset-cache "$cache" --preset cpu \
+        --epochs "$epochs" --time-budget-min 8.5 --model-config '{"vector_features": true}' \
+        --workdir "$work" --no-progress "${acc[@]}"
+    ;;
+scaling)
+    step 240 "$py" -m benchmarks.scaling "${scal[@]}"
+    work=benchmarks/results/qm9_u0-$gpu-$day-standard-3min
+    step 300 "$py" -m experiments.qm9_u0 --dataset-cache "$cache" --preset standard \
+        --time-budget-min 3 --workdir "$work" --no-progress "${std[@]}"
+    ;;
+esac
+
+# the results and the experiments' small files; checkpoints stay behind (they are large)
+find benchmarks/results -newer "$stamp" -type f ! -path '*/checkpoints/*' -print0 \
+    | tar --null -czf "$out/$stage.tar.gz" -T -
+echo "wrote $out/$stage.tar.gz:" | tee -a "$log"
+tar -tzf "$out/$stage.tar.gz" | tee -a "$log"
+rm -f "$stamp"
