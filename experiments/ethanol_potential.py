@@ -44,28 +44,34 @@ def calibrate_epochs(make_trainer, config, minutes: float, *, epochs: int = 3) -
     """Epochs that fit ``minutes`` of training, timed on the whole epoch loop.
 
     ``make_trainer(config, workdir)`` builds a throwaway trainer in a temporary folder; it runs
-    one epoch (compiling), then ``epochs`` more, through ``fit`` itself, so the time per epoch
-    holds everything an epoch costs: the train steps, the validation pass, metrics.csv and the
-    checkpoint (timing bare steps alone missed the last two and planned 13-40% too many
-    epochs, cutting the cosine schedule short). The real run compiles again: the first
+    one epoch (compiling), then ``epochs`` more, through ``fit`` itself and saving after each,
+    so the time holds everything an epoch costs: the train steps, the validation pass,
+    metrics.csv and the checkpoint (timing bare steps alone missed the last two and planned
+    13-40% too many epochs, cutting the cosine schedule short). A save is counted once per
+    ``config.checkpoint_every_s`` (every epoch if 0). The real run compiles again: the first
     epoch's extra time is reserved for that.
     """
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="mpattn-calibrate-") as tmp:
-        trial = make_trainer(dataclasses.replace(config, epochs=1, time_budget_min=None),
-                             Path(tmp))
+        trial = make_trainer(dataclasses.replace(config, epochs=1, time_budget_min=None,
+                                                 checkpoint_every_s=0.0), Path(tmp))
         t0 = time.perf_counter()
         trial.fit(progress=False)
         first_s = time.perf_counter() - t0
         trial.config = dataclasses.replace(trial.config, epochs=1 + epochs)
         t0 = time.perf_counter()
         trial.fit(progress=False)
-        epoch_s = (time.perf_counter() - t0) / epochs
-    compile_s = max(first_s - epoch_s, 0.0)
+        loop_s = (time.perf_counter() - t0) / epochs  # an epoch and its save
+        row_s = float(np.mean([r["seconds"] for r in trial.history[1:]]))  # the epoch alone
+    save_s = max(loop_s - row_s, 0.0)
+    every = config.checkpoint_every_s
+    saves_per_epoch = 1.0 if every <= 0 else min(1.0, row_s / every)
+    compile_s = max(first_s - loop_s, 0.0)
     # 0.9: on a shared machine the epoch time fluctuates; an overestimate would stop the run
     # before its cosine schedule ends
-    return max(1, int(0.9 * (60 * minutes - compile_s) / epoch_s))
+    return max(1, int(0.9 * (60 * minutes - compile_s - save_s)
+                      / (row_s + saves_per_epoch * save_s)))
 
 
 def _versions() -> dict:
@@ -102,6 +108,7 @@ def run(args: argparse.Namespace, *, log=print) -> dict:
     model_config = default_config(args.model, cutoff=cutoff, **overrides)
     config = PotentialConfig(model=args.model, cutoff=cutoff, beta=args.beta, lr=args.lr,
                              weight_decay=args.weight_decay,
+                             checkpoint_every_s=args.checkpoint_every_s,
                              epochs=args.epochs or 1, batch_size=args.batch_size,
                              seed=args.seed, time_budget_min=args.time_budget_min)
     prepared = prepare_frames(frames, (train, val, test), config)
@@ -185,6 +192,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--beta", type=float, default=0.99)
+    p.add_argument("--checkpoint-every-s", type=float, default=30.0,
+                   help="checkpoint after the epochs that end this long after the previous "
+                        "save (and after the first and last); 0: every epoch (default 30: a "
+                        "save costs about as much as one epoch here)")
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="AdamW decoupled weight decay of the weight matrices (default 0: Adam)")
     p.add_argument("--seed", type=int, default=0)

@@ -266,6 +266,11 @@ class EpochLoop:
     a NaN/inf check naming the step, a metrics row per epoch into ``metrics.csv``, a
     checkpoint per epoch scored by ``row[score_key]``, a tqdm bar.
 
+    A config with ``checkpoint_every_s`` > 0 checkpoints only after an epoch that ends at least
+    that many seconds after the previous save, and always after the first and the last epoch
+    (the run's end or its time budget): for short epochs, where a save costs as much as the
+    epoch itself. "best" is then the best of the saved epochs.
+
     Subclasses hold ``config`` (``epochs``, ``time_budget_min``), ``carry`` (with ``"step"``),
     ``checkpoints``, ``history``, ``epoch``, ``workdir``, ``log`` and implement
     ``_run_epoch(epoch) -> losses``, ``_epoch_row(losses, t0, train_s) -> row``,
@@ -280,7 +285,9 @@ class EpochLoop:
 
         c = self.config
         budget_s = None if c.time_budget_min is None else 60 * c.time_budget_min
+        every_s = getattr(c, "checkpoint_every_s", 0.0) or 0.0
         t_start = time.perf_counter()
+        last_save = -math.inf
         spent = sum(r["seconds"] for r in self.history)
         with tqdm(total=c.epochs, initial=self.epoch, desc="epochs", unit="epoch",
                   disable=not progress or not is_primary()) as bar:
@@ -298,12 +305,17 @@ class EpochLoop:
                 self.history.append(row)
                 self.epoch += 1
                 self._write_metrics()
-                self.save(row[self.score_key])
-                bar.update(1)
-                bar.set_postfix(**self._postfix(row))
                 elapsed = spent + time.perf_counter() - t_start
                 # every process stops together (a lone one would leave the others waiting)
-                if budget_s is not None and agree(elapsed + row["seconds"] > budget_s):
+                stop = budget_s is not None and agree(elapsed + row["seconds"] > budget_s)
+                # orbax saves are collective: the processes agree on whether one is due
+                if (stop or self.epoch >= c.epochs or every_s <= 0
+                        or agree(time.perf_counter() - last_save >= every_s)):
+                    self.save(row[self.score_key])
+                    last_save = time.perf_counter()
+                bar.update(1)
+                bar.set_postfix(**self._postfix(row))
+                if stop:
                     self.log(f"time budget of {c.time_budget_min} min reached after "
                              f"{self.epoch} epochs")
                     break

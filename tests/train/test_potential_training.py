@@ -164,29 +164,36 @@ def test_restore_latest_continues_exactly(frames, tmp_path):
 
 def test_calibrate_epochs_times_whole_epochs_in_a_throwaway_folder(tmp_path):
     """The epoch estimate comes from ``fit`` itself (steps, validation, checkpoint), in a
-    temporary folder; a synthetic trainer whose epochs take a known time pins the arithmetic."""
+    temporary folder; a synthetic trainer whose epochs and saves take known times pins the
+    arithmetic."""
     from experiments.ethanol_potential import calibrate_epochs
 
     built = []
 
-    class Sleepy:  # first epoch: 0.3 s "compile" + 0.1 s; then 0.1 s per epoch
+    class Sleepy:  # epochs: 0.3 s "compile" once + 0.1 s; a save after each: 0.05 s
         def __init__(self, config, folder):
-            self.config, self.folder, self.epoch = config, folder, 0
+            self.config, self.folder, self.history = config, folder, []
             built.append(self)
 
         def fit(self, progress=True):
             assert self.folder.is_dir() and not progress
-            while self.epoch < self.config.epochs:
-                time.sleep(0.4 if self.epoch == 0 else 0.1)
-                self.epoch += 1
+            assert self.config.checkpoint_every_s == 0  # the trial saves every epoch
+            while len(self.history) < self.config.epochs:
+                seconds = 0.4 if not self.history else 0.1
+                time.sleep(seconds)
+                self.history.append({"seconds": seconds})
+                time.sleep(0.05)
 
+    # 3 s budget, saving every epoch: 0.9 * (3 - 0.3 - 0.05) / (0.1 + 0.05) = 15.9
     config = PotentialConfig(epochs=500, time_budget_min=0.05)
-    n = calibrate_epochs(Sleepy, config, 0.05)  # 3 s budget: 0.9 * (3 - 0.3) / 0.1 = 24.3
-    assert 21 <= n <= 24
+    assert 14 <= calibrate_epochs(Sleepy, config, 0.05) <= 15
     (trial,) = built
-    assert trial.epoch == 4 and trial.config.time_budget_min is None
+    assert len(trial.history) == 4 and trial.config.time_budget_min is None
     assert not trial.folder.exists()  # the throwaway checkpoints are gone
     assert config.epochs == 500  # the caller's config is untouched
+    # a save per second of epochs: 0.9 * 2.65 / (0.1 + 0.1 * 0.05) = 22.7
+    every = dataclasses.replace(config, checkpoint_every_s=1.0)
+    assert 20 <= calibrate_epochs(Sleepy, every, 0.05) <= 22
 
 
 def test_weight_decay_shrinks_the_potentials_weight_matrices(frames, tmp_path):
@@ -208,3 +215,17 @@ def test_weight_decay_shrinks_the_potentials_weight_matrices(frames, tmp_path):
     assert norms(decayed, False) == pytest.approx(norms(plain, False), rel=0.25)
     with pytest.raises(ValueError, match="weight_decay must be >= 0, got -1"):
         PotentialConfig(weight_decay=-1.0)
+
+
+def test_checkpoint_every_s_saves_the_first_and_last_epochs_only(frames, tmp_path):
+    trainer = _trainer(frames, tmp_path, sizes=(32, 16, 8), epochs=4, checkpoint_every_s=1e9)
+    trainer.fit(progress=False)
+    spe = trainer.steps_per_epoch
+    assert trainer.checkpoints.steps() == [spe, 4 * spe]  # epochs 2 and 3 were not saved
+    assert len(trainer.history) == 4  # every epoch still has its metrics row
+    assert trainer.checkpoints.best_step() in (spe, 4 * spe)
+    every = _trainer(frames, tmp_path / "every", sizes=(32, 16, 8), epochs=4)
+    every.fit(progress=False)
+    assert every.checkpoints.steps()[-3:] == [2 * spe, 3 * spe, 4 * spe]  # the 3 latest
+    with pytest.raises(ValueError, match="checkpoint_every_s must be >= 0, got -1"):
+        PotentialConfig(checkpoint_every_s=-1.0)
