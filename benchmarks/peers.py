@@ -66,7 +66,13 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import add_dataset_cache_argument
+from benchmarks.common import (
+    RESULTS,
+    add_dataset_cache_argument,
+    qm9_graphs,
+    qm9_molecules,
+    write_result,
+)
 from benchmarks.pyg_models import (
     MODELS,
     build_pyg,
@@ -308,7 +314,6 @@ def accuracy_rows(models, speed: dict, *, minutes: float, batch_size: int, workd
         dataset_cache: a featurized QM9 cache file to read instead of qm9pack.
         device: the PyG peers' torch device (default :func:`torch_device`).
     """
-    from benchmarks.common import qm9_molecules
     from mpattn.data.qm9 import make_split, save_split
     from mpattn.train.experiment import PRESETS, run_qm9
     from mpattn.train.loop import TrainConfig, prepare
@@ -415,7 +420,6 @@ def main(argv=None) -> int:
     except ImportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from benchmarks.common import RESULTS, qm9_graphs, write_result
 
     # JAX would take 75% of the GPU's memory at start-up and leave torch the rest
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

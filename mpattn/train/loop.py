@@ -83,6 +83,7 @@ class TrainConfig:
     edge_set: str = "complete"
     cutoff: float | None = None
     keep_checkpoints: int = 3
+    checkpoint_every_s: float = 0.0  # >0: save after epochs this long after the last save
     num_devices: int | None = None  # data parallelism over this many devices (None: all)
     min_atoms: int | None = None  # train only on molecules of this size range
     max_atoms: int | None = None
@@ -266,13 +267,14 @@ class EpochLoop:
     a NaN/inf check naming the step, a metrics row per epoch into ``metrics.csv``, a
     checkpoint per epoch scored by ``row[score_key]``, a tqdm bar.
 
-    A config with ``checkpoint_every_s`` > 0 checkpoints only after an epoch that ends at least
-    that many seconds after the previous save, and always after the first and the last epoch
-    (the run's end or its time budget): for short epochs, where a save costs as much as the
-    epoch itself. "best" is then the best of the saved epochs.
+    With ``config.checkpoint_every_s`` > 0 it checkpoints only after an epoch that ends at
+    least that many seconds after the previous save, and always after the first and the last
+    epoch (the run's end or its time budget): for short epochs, where a save costs as much as
+    the epoch itself. "best" is then the best of the saved epochs.
 
-    Subclasses hold ``config`` (``epochs``, ``time_budget_min``), ``carry`` (with ``"step"``),
-    ``checkpoints``, ``history``, ``epoch``, ``workdir``, ``log`` and implement
+    Subclasses hold ``config`` (``epochs``, ``time_budget_min``, ``checkpoint_every_s``),
+    ``carry`` (with ``"step"``), ``checkpoints``, ``history``, ``epoch``, ``workdir``, ``log``
+    and implement
     ``_run_epoch(epoch) -> losses``, ``_epoch_row(losses, t0, train_s) -> row``,
     ``_postfix(row)`` and ``save(score)``.
     """
@@ -285,7 +287,7 @@ class EpochLoop:
 
         c = self.config
         budget_s = None if c.time_budget_min is None else 60 * c.time_budget_min
-        every_s = getattr(c, "checkpoint_every_s", 0.0) or 0.0
+        every_s = c.checkpoint_every_s
         t_start = time.perf_counter()
         last_save = -math.inf
         spent = sum(r["seconds"] for r in self.history)
