@@ -7,9 +7,11 @@
 # STAGE:
 #   bench    benchmarks.speed, benchmarks.peers (throughput; PyG on the same GPU) and
 #            benchmarks.roofline on QM9 batches                            (about 6-9 min)
-#   accuracy experiments.qm9_u0 on the cpu preset's split (15,000 training molecules) to
-#            convergence: the default model with vector channels, $EPOCHS epochs (default
-#            150, as the 2-CPU run in the README) within 8.5 minutes       (about 9 min)
+#   accuracy experiments.qm9_u0 on the cpu preset's split (15,000 training molecules): the
+#            default model with vector channels at batch $BATCH (default 64), as many epochs
+#            as fit $MINUTES (default 7.5) minutes, timed first (or $EPOCHS); $EXTRA adds
+#            options (e.g. EXTRA="--weight-decay 0.01" TAG=wd0.01; TAG names the result
+#            folder)                                                       (about 9 min)
 #   scaling  benchmarks.scaling (energy + forces, 96 to 12,288 atoms of water) and a
 #            3-minute experiments.qm9_u0 --preset standard run              (about 8 min)
 #
@@ -28,7 +30,9 @@ set -uo pipefail
 stage=${1:?usage: bash benchmarks/gpu_session.sh bench|accuracy|scaling [QM9_CACHE]}
 cache=${2:-.cache/qm9.npz}
 out=${OUT:-runs/gpu-session}
-epochs=${EPOCHS:-150}
+epochs=(${EPOCHS:+--epochs "$EPOCHS"})
+batch=${BATCH:-64}
+minutes=${MINUTES:-7.5}
 py=${PYTHON:-python3}
 if [[ ${QUICK:-0} == 1 ]]; then
     small=(--models schnet --batches 1 --molecules 30)
@@ -36,7 +40,7 @@ if [[ ${QUICK:-0} == 1 ]]; then
     roof=("${small[@]}" --batch-size 8)
     few=(--train-size 200 --val-size 50 --test-size 50)
     acc=("${few[@]}")
-    epochs=2
+    epochs=(--epochs 2)
     scal=(--models schnet --sizes 96 384 --repeats 1 --fit-min-atoms 96)
     std=("${few[@]}" --epochs 1)
 else
@@ -71,10 +75,14 @@ bench)
     step 120 "$py" -m benchmarks.roofline --dataset-cache "$cache" "${roof[@]}"
     ;;
 accuracy)
-    work=benchmarks/results/qm9_u0-$gpu-$day-vector-features-${epochs}epochs
-    step 560 "$py" -m experiments.qm9_u0 --dataset-cache "$cache" --preset cpu \
-        --epochs "$epochs" --time-budget-min 8.5 --model-config '{"vector_features": true}' \
-        --workdir "$work" --no-progress "${acc[@]}"
+    # batch 64, not the cpu preset's 16: on one H100 a step at batch 16 is launch-bound (9 ms,
+    # 1,920 mol/s; 52 epochs in 8.5 min), at 64 it takes 7 ms for 4x the molecules (README)
+    work=benchmarks/results/qm9_u0-$gpu-$day-vector-features-bs$batch${TAG:+-$TAG}
+    # shellcheck disable=SC2086  # EXTRA is split into options on purpose
+    step 570 "$py" -m experiments.qm9_u0 --dataset-cache "$cache" --preset cpu \
+        --batch-size "$batch" --time-budget-min "$minutes" \
+        --model-config '{"vector_features": true}' --workdir "$work" --no-progress \
+        "${epochs[@]}" "${acc[@]}" ${EXTRA:-}
     cp "$log" "$work/log.txt"
     ;;
 scaling)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DEFAULT_MODEL", "calibrate_epochs", "main", "run"]
+__all__ = ["DEFAULT_MODEL", "main", "run"]
 
 #: Model sizes used unless --model-config overrides them. Attention potential: the registry
 #: defaults with 2 blocks instead of 3 (3-minute runs on 2 shared cores, lr 3e-3, batch 8,
@@ -38,40 +38,6 @@ __all__ = ["DEFAULT_MODEL", "calibrate_epochs", "main", "run"]
 #: faster, so it sees more epochs in the budget).
 DEFAULT_MODEL: dict[str, dict] = {"attention_potential": {"steps": 2}, "schnet": {
     "dim": 64, "num_filters": 64, "interactions": 3, "num_rbf": 32}}
-
-
-def calibrate_epochs(make_trainer, config, minutes: float, *, epochs: int = 3) -> int:
-    """Epochs that fit ``minutes`` of training, timed on the whole epoch loop.
-
-    ``make_trainer(config, workdir)`` builds a throwaway trainer in a temporary folder; it runs
-    one epoch (compiling), then ``epochs`` more, through ``fit`` itself and saving after each,
-    so the time holds everything an epoch costs: the train steps, the validation pass,
-    metrics.csv and the checkpoint (timing bare steps alone missed the last two and planned
-    13-40% too many epochs, cutting the cosine schedule short). A save is counted once per
-    ``config.checkpoint_every_s`` (every epoch if 0). The real run compiles again: the first
-    epoch's extra time is reserved for that.
-    """
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="mpattn-calibrate-") as tmp:
-        trial = make_trainer(dataclasses.replace(config, epochs=1, time_budget_min=None,
-                                                 checkpoint_every_s=0.0), Path(tmp))
-        t0 = time.perf_counter()
-        trial.fit(progress=False)
-        first_s = time.perf_counter() - t0
-        trial.config = dataclasses.replace(trial.config, epochs=1 + epochs)
-        t0 = time.perf_counter()
-        trial.fit(progress=False)
-        loop_s = (time.perf_counter() - t0) / epochs  # an epoch and its save
-        row_s = float(np.mean([r["seconds"] for r in trial.history[1:]]))  # the epoch alone
-    save_s = max(loop_s - row_s, 0.0)
-    every = config.checkpoint_every_s
-    saves_per_epoch = 1.0 if every <= 0 else min(1.0, row_s / every)
-    compile_s = max(first_s - loop_s, 0.0)
-    # 0.9: on a shared machine the epoch time fluctuates; an overestimate would stop the run
-    # before its cosine schedule ends
-    return max(1, int(0.9 * (60 * minutes - compile_s - save_s)
-                      / (row_s + saves_per_epoch * save_s)))
 
 
 def _versions() -> dict:
@@ -89,6 +55,7 @@ def run(args: argparse.Namespace, *, log=print) -> dict:
 
     from mpattn.data.frames import ethanol_xtb_path, read_frames, split_frames
     from mpattn.models import default_config
+    from mpattn.train.loop import calibrate_epochs
     from mpattn.train.potential import PotentialConfig, PotentialTrainer, prepare_frames
     from mpattn.train.report import plot_curves, plot_parity, write_json
 

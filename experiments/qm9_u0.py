@@ -42,7 +42,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--preset", default=None, choices=list(PRESETS),
                     help="default: 'standard' with an accelerator, 'cpu' without")
     ap.add_argument("--target", default="U0", choices=list(TARGETS))
-    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--epochs", type=int,
+                    help="default: with a time budget (the cpu preset's 10 min), as many as fit "
+                    "it, timed on one epoch first; else the preset's")
     ap.add_argument("--time-budget-min", type=float)
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--lr", type=float)
@@ -63,6 +65,10 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--weighting", choices=WEIGHTINGS, help="size weighting of the loss")
     ap.add_argument("--weight-r", type=float, help="exponent r of the size weighting")
     ap.add_argument("--ema-decay", type=float, help="evaluate with EMA weights (e.g. 0.999)")
+    ap.add_argument("--checkpoint-every-s", type=float,
+                    help="checkpoint after epochs ending this long after the previous save "
+                    "(and after the first and last); 0: every epoch (default: the preset's, "
+                    "30 s)")
     ap.add_argument("--weight-decay", type=float,
                     help="AdamW decay of the weight matrices (default 0: Adam)")
     ap.add_argument("--min-atoms", type=int, help="train only on molecules this large or more")
@@ -105,6 +111,7 @@ def main(argv=None) -> int:
               "num_devices": args.num_devices, "weighting": args.weighting,
               "weight_r": args.weight_r, "ema_decay": args.ema_decay,
               "weight_decay": args.weight_decay,
+              "checkpoint_every_s": args.checkpoint_every_s,
               "min_atoms": args.min_atoms, "max_atoms": args.max_atoms,
               "cap_per_size": args.cap_per_size}
     config = dataclasses.replace(preset.train, **{k: v for k, v in fields.items()
@@ -118,7 +125,8 @@ def main(argv=None) -> int:
         results = run_qm9(config, workdir=args.workdir, sizes=tuple(sizes),
                           split_file=args.split_file, resume=args.resume,
                           dataset_cache=args.dataset_cache, model_overrides=overrides,
-                          preset=args.preset, progress=not args.no_progress)
+                          preset=args.preset, plan_epochs=args.epochs is None,
+                          progress=not args.no_progress)
     except (ValueError, json.JSONDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

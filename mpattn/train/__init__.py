@@ -13,7 +13,7 @@
 """
 
 from mpattn.train.checkpoint import Checkpointer
-from mpattn.train.loop import TrainConfig, Trainer, TrainingDiverged, prepare
+from mpattn.train.loop import TrainConfig, Trainer, TrainingDiverged, calibrate_epochs, prepare
 from mpattn.train.losses import (
     LOSSES,
     WEIGHT_FLOOR,
@@ -44,6 +44,7 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "TrainingDiverged",
+    "calibrate_epochs",
     "prepare",
     # losses
     "LOSSES",

@@ -49,11 +49,12 @@ def _trained(molset, workdir, epochs: int = 2) -> Trainer:
     return trainer
 
 
-def _run(cache_file, workdir, epochs=3, resume=False, **kw):
+def _run(cache_file, workdir, epochs=3, resume=False, plan_epochs=False, **kw):
     from mpattn.train.experiment import run_qm9
 
     return run_qm9(_config(epochs=epochs, **kw), workdir=workdir, sizes=SIZES, resume=resume,
                    dataset_cache=cache_file, model_overrides=TINY, progress=False,
+                   plan_epochs=plan_epochs,
                    log=lambda *_: None)
 
 
@@ -184,3 +185,54 @@ def test_thesis_comparison_writes_table_and_figure(cache_file, tmp_path):
     assert split_a["test"] == split_b["test"]  # the same split for every model
     assert (out / "comparison.png").stat().st_size > 1000
     assert "| MH-MP+PE |" in (out / "comparison.md").read_text()
+
+
+def test_time_budgeted_run_plans_its_epochs_and_resume_keeps_the_plan(cache_file, tmp_path,
+                                                                       monkeypatch):
+    """``plan_epochs``: the epochs come from timing a throwaway trainer (whole epochs of
+    ``fit``, in a temporary folder, not the workdir), the cosine schedule spans them, and a
+    resumed run keeps the first run's plan instead of timing again."""
+    import mpattn.train.experiment as experiment
+
+    real, calls = experiment.calibrate_epochs, []
+
+    def recorded(make_trainer, config, minutes, **kw):
+        calls.append((config, minutes, kw))
+        calls.append(real(make_trainer, config, minutes, **kw))
+        return calls[-1]
+
+    monkeypatch.setattr(experiment, "calibrate_epochs", recorded)
+    work = tmp_path / "run"
+    results = _run(cache_file, work, epochs=500, time_budget_min=0.1, plan_epochs=True)
+    (config, minutes, kw), planned = calls
+    assert minutes == 0.1 and kw == {"epochs": 1} and config.epochs == 500
+    assert 1 <= planned < 500 and results["config"]["epochs"] == planned
+    assert 1 <= results["epochs"] <= planned
+    rows = list(csv.DictReader((work / "metrics.csv").open()))
+    # the schedule spans the planned epochs: the lr falls as a cosine over them
+    from mpattn.train.schedules import make_schedule
+
+    steps = int(rows[-1]["step"])
+    sched = make_schedule(1e-3, "cosine", steps_per_epoch=steps // len(rows), epochs=planned)
+    assert float(rows[-1]["lr"]) == pytest.approx(float(sched(steps - 1)), rel=1e-4)
+
+    def no_timing(*_a, **_k):
+        raise AssertionError("a resumed run must not plan again")
+
+    monkeypatch.setattr(experiment, "calibrate_epochs", no_timing)
+    resumed = _run(cache_file, work, epochs=500, time_budget_min=0.1, plan_epochs=True,
+                   resume=True)
+    assert resumed["config"]["epochs"] == planned
+
+
+def test_command_line_plans_epochs_only_without_epochs(monkeypatch, tmp_path):
+    import experiments.qm9_u0 as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "run_qm9", lambda config, **kw: seen.append((config, kw)) or {
+        "test": {"mae_mev": 1.0}})
+    assert cli.main(["--preset", "cpu", "--workdir", str(tmp_path), "--no-progress"]) == 0
+    assert cli.main(["--preset", "cpu", "--epochs", "7", "--workdir", str(tmp_path)]) == 0
+    (first, kw1), (second, kw2) = seen
+    assert kw1["plan_epochs"] and not kw2["plan_epochs"] and second.epochs == 7
+    assert first.time_budget_min == 10.0 and first.checkpoint_every_s == 30.0
