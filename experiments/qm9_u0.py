@@ -77,6 +77,9 @@ def parse(argv=None) -> argparse.Namespace:
                     help="at most this many training molecules per atom count")
     ap.add_argument("--num-devices", type=int,
                     help="data-parallel devices (default: all visible)")
+    ap.add_argument("--steps-per-call", type=int,
+                    help="train steps per jit call (lax.scan over K batches of one padding "
+                    "budget): fewer host round trips where steps are short (GPU); default 1")
     ap.add_argument("--distributed", action="store_true",
                     help="join a multi-process run via jax.distributed.initialize() (detects "
                     "SLURM, Open MPI, Kubernetes, Cloud TPU; else give the next three)")
@@ -108,7 +111,8 @@ def main(argv=None) -> int:
               "time_budget_min": args.time_budget_min, "batch_size": args.batch_size,
               "lr": args.lr, "loss": args.loss, "schedule": args.schedule,
               "edge_set": args.edge_set, "cutoff": args.cutoff, "seed": args.seed,
-              "num_devices": args.num_devices, "weighting": args.weighting,
+              "num_devices": args.num_devices, "steps_per_call": args.steps_per_call,
+              "weighting": args.weighting,
               "weight_r": args.weight_r, "ema_decay": args.ema_decay,
               "weight_decay": args.weight_decay,
               "checkpoint_every_s": args.checkpoint_every_s,

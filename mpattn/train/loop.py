@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import json
 import math
 import tempfile
@@ -53,6 +52,7 @@ __all__ = [
     "make_train_step",
     "prepare",
     "stack_batches",
+    "stack_steps",
 ]
 
 ELEMENTS = (1, 6, 7, 8, 9)
@@ -87,6 +87,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     checkpoint_every_s: float = 0.0  # >0: save after epochs this long after the last save
     num_devices: int | None = None  # data parallelism over this many devices (None: all)
+    steps_per_call: int = 1  # >1: that many train steps per jit call (lax.scan), one budget
     min_atoms: int | None = None  # train only on molecules of this size range
     max_atoms: int | None = None
     cap_per_size: int | None = None  # at most this many training molecules per atom count
@@ -191,21 +192,36 @@ def stack_batches(batches: list, mesh=None):
     (:func:`~mpattn.train.distributed.process_positions`) are read, the others may be
     ``None``: every process contributes its own devices' batches to the global array.
     """
-    if mesh is None or mesh.size == 1 or jax.process_count() == 1:
-        stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
-        if mesh is None or mesh.size == 1:
-            return stacked
+    return _stacked([batches], mesh, steps=False)
+
+
+def stack_steps(groups: list, mesh=None):
+    """K groups of D equally shaped batches (one group per train step) stacked to arrays of
+    shape ``[K, D, ...]`` for the scanned train step (``make_train_step(..., scan=True)``);
+    with a mesh, the D axis is sharded as in :func:`stack_batches`."""
+    return _stacked(groups, mesh, steps=True)
+
+
+def _stacked(groups: list, mesh, *, steps: bool):
+    k, d = len(groups), len(groups[0])
+    multi = mesh is not None and mesh.size > 1 and jax.process_count() > 1
+    if multi and d != mesh.size:
+        raise ValueError(f"{d} batches for a mesh of {mesh.size} devices")
+    positions = process_positions(mesh) if multi else range(d)
+    picked = [group[i] for group in groups for i in positions]
+    lead = (k, len(positions)) if steps else (len(positions),)
+    stacked = jax.tree.map(lambda *xs: np.stack(xs).reshape(*lead, *xs[0].shape), *picked)
+    if mesh is None or mesh.size == 1:
+        return stacked
     from jax.sharding import NamedSharding, PartitionSpec
 
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
-    if jax.process_count() == 1:
+    sharding = NamedSharding(mesh, PartitionSpec(None, "data") if steps
+                             else PartitionSpec("data"))
+    if not multi:
         return jax.device_put(stacked, sharding)
-    if len(batches) != mesh.size:
-        raise ValueError(f"{len(batches)} batches for a mesh of {mesh.size} devices")
-    local = jax.tree.map(lambda *xs: np.stack(xs),
-                         *[batches[i] for i in process_positions(mesh)])
+    full = (k, mesh.size) if steps else (mesh.size,)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-        sharding, x, (mesh.size, *x.shape[1:])), local)
+        sharding, x, (*full, *x.shape[len(lead):])), stacked)
 
 
 def apply_gradients(carry: dict, grads, loss, optimizer, ema_decay: float | None) -> dict:
@@ -222,7 +238,7 @@ def apply_gradients(carry: dict, grads, loss, optimizer, ema_decay: float | None
     return out
 
 
-def make_train_step(graphdef, optimizer, config: TrainConfig):
+def make_train_step(graphdef, optimizer, config: TrainConfig, *, scan: bool = False):
     """The jit-compiled train step ``(carry, graphs) -> (carry, loss)`` (carry donated).
 
     ``graphs`` holds D padded batches stacked on a leading axis (:func:`stack_batches`); the
@@ -231,6 +247,12 @@ def make_train_step(graphdef, optimizer, config: TrainConfig):
     batches on D devices give the same step as one batch holding them all. With the stacked
     axis sharded over a mesh, XLA runs each batch on its device and all-reduces the
     gradients; parameters stay replicated.
+
+    With ``scan=True`` it is ``(carry, steps) -> (carry, losses)``: ``steps`` holds K such
+    stacks on a further leading axis (:func:`stack_steps`, all of one padding budget) and K
+    train steps run inside one call through ``jax.lax.scan``, ``losses`` of shape [K]. The
+    result equals K calls of the plain step; the host dispatches (and transfers batches) once
+    per K steps, which matters where a step is short enough to wait on the host (a GPU).
     """
     c = config
 
@@ -251,12 +273,14 @@ def make_train_step(graphdef, optimizer, config: TrainConfig):
         totals, weights = jax.vmap(batch_loss, in_axes=(None, None, 0))(params, rest, graphs)
         return jnp.sum(totals) / jnp.maximum(jnp.sum(weights), 1e-12)
 
-    @functools.partial(jax.jit, donate_argnums=0)
     def train_step(carry, graphs):
         loss, grads = jax.value_and_grad(loss_fn)(carry["params"], carry["rest"], graphs)
         return apply_gradients(carry, grads, loss, optimizer, c.ema_decay), loss
 
-    return train_step
+    def train_steps(carry, steps):
+        return jax.lax.scan(train_step, carry, steps)
+
+    return jax.jit(train_steps if scan else train_step, donate_argnums=0)
 
 
 def _to_builtin(obj):
@@ -277,7 +301,8 @@ class EpochLoop:
     Subclasses hold ``config`` (``epochs``, ``time_budget_min``, ``checkpoint_every_s``),
     ``carry`` (with ``"step"``), ``checkpoints``, ``history``, ``epoch``, ``workdir``, ``log``
     and implement
-    ``_run_epoch(epoch) -> losses``, ``_epoch_row(losses, t0, train_s) -> row``,
+    ``_run_epoch(epoch) -> losses`` (per-step losses: scalars, or arrays of several steps
+    each, in step order), ``_epoch_row(losses, t0, train_s) -> row``,
     ``_postfix(row)`` and ``save(score)``.
     """
 
@@ -298,7 +323,8 @@ class EpochLoop:
             while self.epoch < c.epochs:
                 t0 = time.perf_counter()
                 step0 = int(self.carry["step"])
-                losses = np.asarray(jax.device_get(self._run_epoch(self.epoch)), np.float64)
+                losses = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in
+                                         jax.device_get(self._run_epoch(self.epoch))])
                 if not np.all(np.isfinite(losses)):
                     bad = int(np.nonzero(~np.isfinite(losses))[0][0])
                     raise TrainingDiverged(
@@ -388,9 +414,13 @@ class Trainer(EpochLoop):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.model_config = model_config or default_config(config.model)
-        # with several devices every batch of a step must have the same shape: one budget
+        if config.steps_per_call < 1:
+            raise ValueError(f"steps_per_call must be >= 1, got {config.steps_per_call}")
+        # with several devices every batch of a step must have the same shape, and the steps
+        # of one call too: one budget (greedy packing cuts by the largest budget either way,
+        # so the batches hold the same molecules; only their padding grows)
         budgets = None
-        if (config.num_devices or jax.device_count()) > 1:
+        if (config.num_devices or jax.device_count()) > 1 or config.steps_per_call > 1:
             budgets = derive_budgets(data.train.graphs, config.batch_size, num_budgets=1)
         self.loader = BatchLoader(data.train.graphs, config.batch_size, seed=config.seed,
                                   budgets=budgets)
@@ -406,6 +436,9 @@ class Trainer(EpochLoop):
                                         max_to_keep=config.keep_checkpoints)
         self.mesh = data_mesh(config.num_devices)
         self.train_step = make_train_step(self.graphdef, self.optimizer, config)
+        # K steps per call; an epoch's last steps_per_epoch % K steps go through train_step
+        self.train_steps = (make_train_step(self.graphdef, self.optimizer, config, scan=True)
+                            if config.steps_per_call > 1 else None)
         self.predict_step = jax.jit(self._predict)
 
     # ------------------------------------------------------------------ steps
@@ -414,7 +447,7 @@ class Trainer(EpochLoop):
         return nnx.merge(self.graphdef, params, rest)(graph)
 
     def _groups(self, epoch: int):
-        """The epoch's batches, D at a time, stacked (and sharded) for the train step."""
+        """The epoch's batches, D at a time (lists of numpy batches, one per device)."""
         d = self.mesh.size
         keep = None
         if jax.process_count() > 1:  # assemble only this process's devices' batches
@@ -424,11 +457,27 @@ class Trainer(EpochLoop):
         for batch in self.loader.epoch(epoch, keep=keep):
             group.append(batch)
             if len(group) == d:
-                yield stack_batches(group, self.mesh)
+                yield group
                 group = []
         if group:  # fill the last group with batches of padding only (weight 0)
-            yield stack_batches(group + [self.loader.empty_batch()] * (d - len(group)),
-                                self.mesh)
+            yield group + [self.loader.empty_batch()] * (d - len(group))
+
+    def _calls(self, epoch: int):
+        """``(k, stacked)`` per train-step call of the epoch: K groups stacked for the scanned
+        step (k = K), or one group for the plain step (k = 1: K = 1, or the epoch's last
+        steps when fewer than K are left)."""
+        k = self.config.steps_per_call
+        pending = []
+        for group in self._groups(epoch):
+            if k == 1:
+                yield 1, stack_batches(group, self.mesh)
+                continue
+            pending.append(group)
+            if len(pending) == k:
+                yield k, stack_steps(pending, self.mesh)
+                pending = []
+        for group in pending:
+            yield 1, stack_batches(group, self.mesh)
 
     def eval_params(self):
         return self.carry.get("ema", self.carry["params"])
@@ -461,8 +510,9 @@ class Trainer(EpochLoop):
 
     def _run_epoch(self, epoch: int) -> list:
         losses = []
-        for group in self._groups(epoch):
-            self.carry, loss = self.train_step(self.carry, group)
+        for k, stacked in self._calls(epoch):
+            step = self.train_step if k == 1 else self.train_steps
+            self.carry, loss = step(self.carry, stacked)
             losses.append(loss)
         return losses
 

@@ -236,3 +236,78 @@ def test_command_line_plans_epochs_only_without_epochs(monkeypatch, tmp_path):
     (first, kw1), (second, kw2) = seen
     assert kw1["plan_epochs"] and not kw2["plan_epochs"] and second.epochs == 7
     assert first.time_budget_min == 10.0 and first.checkpoint_every_s == 30.0
+
+
+def test_scanned_steps_equal_single_steps(qm9_molset):
+    """``make_train_step(scan=True)`` on K stacked steps gives the losses and the state of K
+    calls of the plain step (EMA and clipping included)."""
+    import jax
+
+    from mpattn.data.loader import BatchLoader, derive_budgets
+    from mpattn.models import default_config
+    from mpattn.train.loop import build_carry, make_train_step, stack_batches, stack_steps
+
+    split = make_split(qm9_molset.ids, sizes=SIZES, seed=1)
+    cfg = _config(ema_decay=0.9, clip_norm=1.0)
+    gs = prepare(qm9_molset, split, cfg).train.graphs
+    loader = BatchLoader(gs, 32, budgets=derive_budgets(gs, 32, num_budgets=1), prefetch=0)
+    batches = list(loader.epoch(0))[:3]
+    mcfg = default_config("schnet", **TINY)
+
+    def fresh():
+        _, graphdef, opt, carry = build_carry(cfg, mcfg, steps_per_epoch=10)
+        return graphdef, opt, carry
+
+    graphdef, opt, carry = fresh()
+    step = make_train_step(graphdef, opt, cfg)
+    single = []
+    for b in batches:
+        carry, loss = step(carry, stack_batches([b]))
+        single.append(float(loss))
+    graphdef, opt, scanned = fresh()
+    steps = make_train_step(graphdef, opt, cfg, scan=True)
+    scanned, losses = steps(scanned, stack_steps([[b] for b in batches]))
+    assert losses.shape == (3,) and int(scanned["step"]) == int(carry["step"]) == 3
+    np.testing.assert_allclose(np.asarray(losses), single, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 scanned["params"], carry["params"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 scanned["ema"], carry["ema"])
+
+
+def test_several_steps_per_call_train_as_one_step_per_call(qm9_molset, tmp_path):
+    """A Trainer with ``steps_per_call=3`` runs every step of each epoch (the last
+    ``steps % 3`` through the plain step), compiles each step function once, and its
+    metrics match one step per call (the same batches: only the padding differs)."""
+    from mpattn.data.loader import BatchLoader, derive_budgets
+    from mpattn.models import default_config
+
+    split = make_split(qm9_molset.ids, sizes=SIZES, seed=1)
+    mcfg = default_config("schnet", **TINY)
+    runs = {}
+    for k in (1, 3):
+        cfg = _config(epochs=2, steps_per_call=k)
+        trainer = Trainer(cfg, prepare(qm9_molset, split, cfg), tmp_path / f"k{k}",
+                          model_config=mcfg, log=lambda *_: None)
+        runs[k] = trainer
+        if k == 1:  # the batches of the K run: the same molecules, one padding budget
+            gs = trainer.data.train.graphs
+            trainer.loader = BatchLoader(gs, 32, budgets=derive_budgets(gs, 32, num_budgets=1),
+                                         seed=cfg.seed)
+        trainer.fit(progress=False)
+    one, three = runs[1], runs[3]
+    assert len(three.loader.budgets) == 1
+    steps = [len(list(three.loader.epoch(e))) for e in range(2)]
+    assert int(three.carry["step"]) == sum(steps) == int(one.carry["step"])
+    assert three.train_steps._cache_size() == 1
+    assert three.train_step._cache_size() == (1 if any(s % 3 for s in steps) else 0)
+    for key in ("train_loss", "train_loss_high5", "val_mae", "lr"):
+        np.testing.assert_allclose([r[key] for r in three.history],
+                                   [r[key] for r in one.history], rtol=1e-4, err_msg=key)
+
+
+def test_steps_per_call_must_be_positive(qm9_molset, tmp_path):
+    split = make_split(qm9_molset.ids, sizes=SIZES, seed=1)
+    cfg = _config(steps_per_call=0)
+    with pytest.raises(ValueError, match="steps_per_call must be >= 1, got 0"):
+        Trainer(cfg, prepare(qm9_molset, split, cfg), tmp_path, log=lambda *_: None)

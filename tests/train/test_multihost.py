@@ -2,7 +2,8 @@
 by ``jax.distributed`` (gloo), train exactly as one process with two devices does.
 
 Each process builds only its own device's batches; only process 0 writes metrics and logs;
-the time budget is agreed on; orbax checkpoints written by both processes restore in both.
+the time budget is agreed on; orbax checkpoints written by both processes restore in both;
+several steps per call (``steps_per_call``) follow the same trajectory.
 """
 
 from __future__ import annotations
@@ -71,6 +72,11 @@ WORKER = textwrap.dedent('''
                      workdir + "-budget", model_config=mcfg, log=logs.append)
     res["budget_epochs"] = len(budget.fit(progress=False))
     res["logs_after_budget"] = logs
+    # three steps per call: scanned steps of globally sharded [3, 2, ...] stacks
+    k3 = Trainer(dataclasses.replace(cfg, steps_per_call=3), data, workdir + "-k3",
+                 model_config=mcfg, log=lambda _m: None)
+    res["k3_calls"] = [k for k, _ in k3._calls(0)]
+    res["k3_train_loss"] = [r["train_loss"] for r in k3.fit(progress=False)]
     json.dump(res, open(out + ".json", "w"))
 ''')
 
@@ -121,6 +127,10 @@ def test_two_processes_train_as_one_process_with_two_devices(tmp_path):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
         assert r["restored_epoch"] == 2 and r["restored_equal"]
         assert r["budget_epochs"] == 1
+        assert r["k3_calls"] == [3, 3, 3, 1]  # 10 steps of 2 batches: 3 calls of 3, then 1
+        np.testing.assert_allclose(r["k3_train_loss"], one["train_loss"], rtol=1e-5)
+    assert one["k3_calls"] == [3, 3, 3, 1]
+    np.testing.assert_allclose(one["k3_train_loss"], one["train_loss"], rtol=1e-5)
     assert one["val_mae"][1] < one["val_mae"][0] or one["train_loss"][1] < one["train_loss"][0]
     # only process 0 logs (and writes metrics.csv)
     assert any("time budget" in m for m in two[0]["logs_after_budget"])
