@@ -49,6 +49,7 @@ __all__ = [
     "build_carry",
     "calibrate_epochs",
     "data_mesh",
+    "jit_carry",
     "make_train_step",
     "prepare",
     "stack_batches",
@@ -238,7 +239,34 @@ def apply_gradients(carry: dict, grads, loss, optimizer, ema_decay: float | None
     return out
 
 
-def make_train_step(graphdef, optimizer, config: TrainConfig, *, scan: bool = False):
+def jit_carry(fn: Callable, treedef=None) -> Callable:
+    """``jax.jit`` of a step ``fn(carry, *args) -> (carry, out)``, the carry donated.
+
+    With ``treedef`` (the carry's ``jax.tree.structure``) the compiled function takes and
+    returns the carry as its flat list of leaves instead (``(leaves, *args) -> (leaves,
+    out)``): the host then hands XLA a list of arrays, where an nnx ``State`` carry is
+    flattened and rebuilt through Python at every call. Measured on 2 CPU cores for the
+    default model's carry (301 arrays, EMA on): 3.5 ms of host time per call as ``State``
+    dicts, 0.5 ms as a list. Trainers keep the leaves (:class:`EpochLoop`'s ``carry``
+    property rebuilds the dict on demand).
+    """
+    if treedef is None:
+        return jax.jit(fn, donate_argnums=0)
+
+    def flat(leaves, *args):
+        carry, out = fn(jax.tree.unflatten(treedef, leaves), *args)
+        new, new_def = jax.tree.flatten(carry)
+        if new_def != treedef:
+            raise ValueError(f"{fn.__name__} changed the carry's structure: {new_def} "
+                             f"!= {treedef}")
+        return new, out
+
+    flat.__name__ = flat.__qualname__ = fn.__name__  # compile logs name the step
+    return jax.jit(flat, donate_argnums=0)
+
+
+def make_train_step(graphdef, optimizer, config: TrainConfig, *, scan: bool = False,
+                    treedef=None):
     """The jit-compiled train step ``(carry, graphs) -> (carry, loss)`` (carry donated).
 
     ``graphs`` holds D padded batches stacked on a leading axis (:func:`stack_batches`); the
@@ -253,6 +281,8 @@ def make_train_step(graphdef, optimizer, config: TrainConfig, *, scan: bool = Fa
     train steps run inside one call through ``jax.lax.scan``, ``losses`` of shape [K]. The
     result equals K calls of the plain step; the host dispatches (and transfers batches) once
     per K steps, which matters where a step is short enough to wait on the host (a GPU).
+
+    With ``treedef`` the carry travels as its flat list of leaves (:func:`jit_carry`).
     """
     c = config
 
@@ -280,7 +310,7 @@ def make_train_step(graphdef, optimizer, config: TrainConfig, *, scan: bool = Fa
     def train_steps(carry, steps):
         return jax.lax.scan(train_step, carry, steps)
 
-    return jax.jit(train_steps if scan else train_step, donate_argnums=0)
+    return jit_carry(train_steps if scan else train_step, treedef)
 
 
 def _to_builtin(obj):
@@ -299,14 +329,24 @@ class EpochLoop:
     the epoch itself. "best" is then the best of the saved epochs.
 
     Subclasses hold ``config`` (``epochs``, ``time_budget_min``, ``checkpoint_every_s``),
-    ``carry`` (with ``"step"``), ``checkpoints``, ``history``, ``epoch``, ``workdir``, ``log``
-    and implement
+    ``carry`` (with ``"step"``; stored as flat ``leaves`` + ``carry_def``), ``checkpoints``,
+    ``history``, ``epoch``, ``workdir``, ``log`` and implement
     ``_run_epoch(epoch) -> losses`` (per-step losses: scalars, or arrays of several steps
     each, in step order), ``_epoch_row(losses, t0, train_s) -> row``,
     ``_postfix(row)`` and ``save(score)``.
     """
 
     score_key = "val_mae"
+
+    @property
+    def carry(self) -> dict:
+        """The training state as a dict of nnx ``State`` s, rebuilt from :attr:`leaves` (the
+        flat list of arrays the jit-compiled steps take and return, see :func:`jit_carry`)."""
+        return jax.tree.unflatten(self.carry_def, self.leaves)
+
+    @carry.setter
+    def carry(self, value: dict) -> None:
+        self.leaves, self.carry_def = jax.tree.flatten(value)
 
     def fit(self, progress: bool = True) -> list[dict]:
         """Train until ``config.epochs`` or the time budget; returns the per-epoch rows."""
@@ -435,9 +475,12 @@ class Trainer(EpochLoop):
         self.checkpoints = Checkpointer(self.workdir / "checkpoints",
                                         max_to_keep=config.keep_checkpoints)
         self.mesh = data_mesh(config.num_devices)
-        self.train_step = make_train_step(self.graphdef, self.optimizer, config)
+        # the steps take and return the carry's flat leaves (self.leaves)
+        self.train_step = make_train_step(self.graphdef, self.optimizer, config,
+                                          treedef=self.carry_def)
         # K steps per call; an epoch's last steps_per_epoch % K steps go through train_step
-        self.train_steps = (make_train_step(self.graphdef, self.optimizer, config, scan=True)
+        self.train_steps = (make_train_step(self.graphdef, self.optimizer, config, scan=True,
+                                            treedef=self.carry_def)
                             if config.steps_per_call > 1 else None)
         self.predict_step = jax.jit(self._predict)
 
@@ -512,7 +555,7 @@ class Trainer(EpochLoop):
         losses = []
         for k, stacked in self._calls(epoch):
             step = self.train_step if k == 1 else self.train_steps
-            self.carry, loss = step(self.carry, stacked)
+            self.leaves, loss = step(self.leaves, stacked)
             losses.append(loss)
         return losses
 

@@ -30,7 +30,6 @@ Reference: Frank, Unke & Müller, "So3krates", NeurIPS 2022 (loss, linear energy
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import time
@@ -56,7 +55,7 @@ from mpattn.models.potential import (
     force_metrics,
 )
 from mpattn.train.checkpoint import Checkpointer, json_tuples, read_meta
-from mpattn.train.loop import EpochLoop, apply_gradients
+from mpattn.train.loop import EpochLoop, apply_gradients, jit_carry
 from mpattn.train.schedules import current_lr, ema_init, make_optimizer
 
 __all__ = [
@@ -250,8 +249,9 @@ def build_potential(config: PotentialConfig, model_config, reference: Reference,
     return potential, graphdef, rest, optimizer, carry
 
 
-def _make_step(graphdef, optimizer, config: PotentialConfig):
-    """The jit-compiled ``(carry, rest, graph) -> (carry, loss)`` (carry donated)."""
+def _make_step(graphdef, optimizer, config: PotentialConfig, treedef=None):
+    """The jit-compiled ``(carry, rest, graph) -> (carry, loss)`` (carry donated; with
+    ``treedef``, the carry as its flat leaves: :func:`~mpattn.train.loop.jit_carry`)."""
 
     def loss_fn(params, rest, graph):
         potential = nnx.merge(graphdef, params, rest)
@@ -261,12 +261,11 @@ def _make_step(graphdef, optimizer, config: PotentialConfig):
                                  graph.nodes["forces"], graph, beta=config.beta,
                                  loss=config.loss)
 
-    @functools.partial(jax.jit, donate_argnums=0)
     def train_step(carry, rest, graph):
         loss, grads = jax.value_and_grad(loss_fn)(carry["params"], rest, graph)
         return apply_gradients(carry, grads, loss, optimizer, config.ema_decay), loss
 
-    return train_step
+    return jit_carry(train_step, treedef)
 
 
 class PotentialTrainer(EpochLoop):
@@ -307,7 +306,8 @@ class PotentialTrainer(EpochLoop):
         self.history: list[dict] = []
         self.checkpoints = Checkpointer(self.workdir / "checkpoints",
                                         max_to_keep=config.keep_checkpoints)
-        self.train_step = _make_step(self.graphdef, self.optimizer, config)
+        self.train_step = _make_step(self.graphdef, self.optimizer, config,
+                                     treedef=self.carry_def)
         graphdef = self.graphdef
         self.eval_step = jax.jit(lambda params, rest, graph: energy_and_forces(
             nnx.merge(graphdef, params, rest), graph, reference=False))
@@ -359,7 +359,7 @@ class PotentialTrainer(EpochLoop):
     def _run_epoch(self, epoch: int) -> list:
         losses = []
         for batch in self.loader.epoch(epoch):
-            self.carry, loss = self.train_step(self.carry, self.rest, batch)
+            self.leaves, loss = self.train_step(self.leaves, self.rest, batch)
             losses.append(loss)
         return losses
 

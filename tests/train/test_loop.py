@@ -311,3 +311,40 @@ def test_steps_per_call_must_be_positive(qm9_molset, tmp_path):
     cfg = _config(steps_per_call=0)
     with pytest.raises(ValueError, match="steps_per_call must be >= 1, got 0"):
         Trainer(cfg, prepare(qm9_molset, split, cfg), tmp_path, log=lambda *_: None)
+
+
+def test_jit_carry_passes_the_carry_as_leaves_and_keeps_its_structure():
+    import jax
+    import jax.numpy as jnp
+
+    from mpattn.train.loop import jit_carry
+
+    carry = {"a": jnp.ones(3), "b": {"c": jnp.zeros(2)}}
+    treedef = jax.tree.structure(carry)
+
+    def add(c, x):
+        return {**c, "a": c["a"] + x}, jnp.sum(c["a"])
+
+    step = jit_carry(add, treedef)
+    leaves, out = step(jax.tree.leaves(carry), 2.0)
+    assert isinstance(leaves, list) and float(out) == 3.0
+    np.testing.assert_array_equal(jax.tree.unflatten(treedef, leaves)["a"], [3.0, 3.0, 3.0])
+    with pytest.raises((RuntimeError, ValueError), match="deleted"):  # donated
+        step(jax.tree.leaves(carry), 1.0)
+    bad = jit_carry(lambda c, x: ({"a": c["a"]}, x), treedef)
+    with pytest.raises(ValueError, match="<lambda> changed the carry's structure"):
+        bad(leaves, 1.0)
+
+
+def test_trainer_steps_take_the_carry_as_flat_leaves(qm9_molset, tmp_path):
+    """The Trainer hands its jit-compiled step a list of arrays (no per-call flattening of
+    nnx State through Python); ``carry`` rebuilds the dict from them."""
+    import jax
+
+    trainer = _trained(qm9_molset, tmp_path, epochs=1)
+    assert isinstance(trainer.leaves, list) and len(trainer.leaves) > 10
+    assert all(isinstance(x, jax.Array) for x in trainer.leaves)
+    carry = trainer.carry
+    assert set(carry) == {"params", "rest", "opt", "step"}
+    assert int(carry["step"]) == trainer.steps_per_epoch
+    assert jax.tree.structure(carry) == trainer.carry_def
