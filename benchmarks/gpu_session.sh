@@ -8,12 +8,21 @@
 #   bench    benchmarks.speed, benchmarks.peers (throughput; PyG on the same GPU) and
 #            benchmarks.roofline on QM9 batches                            (about 6-9 min)
 #   accuracy experiments.qm9_u0 on the cpu preset's split (15,000 training molecules): the
-#            default model with vector channels at batch $BATCH (default 64), as many epochs
+#            default model with vector channels at batch $BATCH (default 64), $STEPS
+#            (default 8) train steps per jit call, as many epochs
 #            as fit $MINUTES (default 7.5) minutes, timed first (or $EPOCHS); $EXTRA adds
 #            options (e.g. EXTRA="--weight-decay 0.01" TAG=wd0.01; TAG names the result
 #            folder)                                                       (about 9 min)
 #   scaling  benchmarks.scaling (energy + forces, 96 to 12,288 atoms of water) and a
 #            3-minute experiments.qm9_u0 --preset standard run              (about 8 min)
+#   long     one leg of a run longer than a device call: experiments.qm9_u0 as in accuracy,
+#            $EPOCHS (default 600) epochs of the cosine, $STEPS (default 8) steps per jit
+#            call, in runs/long[-$TAG]; it resumes when that folder holds checkpoints and
+#            stops after $LEG_S (default 530) seconds (SIGINT; the checkpoints, saved every
+#            30 s, stay). The archive holds the whole folder (latest + best checkpoint, ~8 MB
+#            for the vector model): unpack it and carry runs/long[-$TAG] to the next call.
+#            When the run ends (epochs or $TOTAL_MIN, default 60, minutes of training) the
+#            results are copied to benchmarks/results/                   (about 10 min)
 #
 # QM9_CACHE: the featurized QM9 cache (default .cache/qm9.npz; `python -m mpattn.data.qm9
 # --summary` prints where it lives). With it no machine needs qm9pack or RDKit.
@@ -27,11 +36,13 @@
 # benchmarks/results/ (the experiment folders under benchmarks/results/<name>/).
 set -uo pipefail
 
-stage=${1:?usage: bash benchmarks/gpu_session.sh bench|accuracy|scaling [QM9_CACHE]}
+stage=${1:?usage: bash benchmarks/gpu_session.sh bench|accuracy|scaling|long [QM9_CACHE]}
 cache=${2:-.cache/qm9.npz}
 out=${OUT:-runs/gpu-session}
 epochs=(${EPOCHS:+--epochs "$EPOCHS"})
 batch=${BATCH:-64}
+steps=${STEPS:-8}
+long_epochs=${EPOCHS:-600}
 minutes=${MINUTES:-7.5}
 py=${PYTHON:-python3}
 if [[ ${QUICK:-0} == 1 ]]; then
@@ -43,11 +54,13 @@ if [[ ${QUICK:-0} == 1 ]]; then
     epochs=(--epochs 2)
     scal=(--models schnet --sizes 96 384 --repeats 1 --fit-min-atoms 96)
     std=("${few[@]}" --epochs 1)
+    long=("${few[@]}")
+    long_epochs=${EPOCHS:-3}
 else
-    speed=() roof=(--models mpnn schnet mhmp attention_potential) acc=() scal=() std=()
+    speed=() roof=(--models mpnn schnet mhmp attention_potential) acc=() scal=() std=() long=()
 fi
-case $stage in bench|accuracy|scaling) ;; *)
-    echo "unknown stage '$stage'; choose bench, accuracy or scaling" >&2; exit 2;;
+case $stage in bench|accuracy|scaling|long) ;; *)
+    echo "unknown stage '$stage'; choose bench, accuracy, scaling or long" >&2; exit 2;;
 esac
 if [[ ! -f $cache ]]; then
     echo "QM9 cache '$cache' not found (build it with: python -m mpattn.data.qm9 --summary)" >&2
@@ -80,7 +93,7 @@ accuracy)
     work=benchmarks/results/qm9_u0-$gpu-$day-vector-features-bs$batch${TAG:+-$TAG}
     # shellcheck disable=SC2086  # EXTRA is split into options on purpose
     step 570 "$py" -m experiments.qm9_u0 --dataset-cache "$cache" --preset cpu \
-        --batch-size "$batch" --time-budget-min "$minutes" \
+        --batch-size "$batch" --time-budget-min "$minutes" --steps-per-call "$steps" \
         --model-config '{"vector_features": true}' --workdir "$work" --no-progress \
         "${epochs[@]}" "${acc[@]}" ${EXTRA:-}
     cp "$log" "$work/log.txt"
@@ -92,11 +105,31 @@ scaling)
         --time-budget-min 3 --workdir "$work" --no-progress "${std[@]}"
     cp "$log" "$work/log.txt"
     ;;
+long)
+    work=runs/long${TAG:+-$TAG}
+    resume=()
+    if [[ -d $work/checkpoints ]]; then resume=(--resume); fi
+    # shellcheck disable=SC2086  # EXTRA is split into options on purpose
+    step "${LEG_S:-530}" "$py" -m experiments.qm9_u0 --dataset-cache "$cache" --preset cpu \
+        --batch-size "$batch" --epochs "$long_epochs" --time-budget-min "${TOTAL_MIN:-60}" \
+        --steps-per-call "$steps" --keep-checkpoints 1 \
+        --model-config '{"vector_features": true}' --workdir "$work" --no-progress \
+        "${resume[@]}" "${long[@]}" ${EXTRA:-}
+    cat "$log" >> "$work/legs.txt"
+    if [[ -f $work/results.json ]]; then  # the run has ended: its results, no checkpoints
+        done_dir=benchmarks/results/qm9_u0-$gpu-$day-long${TAG:+-$TAG}
+        mkdir -p "$done_dir"
+        find "$work" -maxdepth 1 -type f -exec cp {} "$done_dir/" \;
+    fi
+    ;;
 esac
 
-# the results and the experiments' small files; checkpoints stay behind (they are large)
-find benchmarks/results -newer "$stamp" -type f ! -path '*/checkpoints/*' -print0 \
-    | tar --null -czf "$out/$stage.tar.gz" -T -
+# the results and the experiments' small files; checkpoints stay behind (they are large),
+# except a long run's own folder, which the next leg resumes from
+{
+    find benchmarks/results -newer "$stamp" -type f ! -path '*/checkpoints/*' -print0
+    if [[ $stage == long ]]; then find "$work" -type f -print0; fi
+} | tar --null -czf "$out/$stage.tar.gz" -T -
 echo "wrote $out/$stage.tar.gz:" | tee -a "$log"
 tar -tzf "$out/$stage.tar.gz" | tee -a "$log"
 rm -f "$stamp"

@@ -69,6 +69,8 @@ def parse(argv=None) -> argparse.Namespace:
                     help="checkpoint after epochs ending this long after the previous save "
                     "(and after the first and last); 0: every epoch (default: the preset's, "
                     "30 s)")
+    ap.add_argument("--keep-checkpoints", type=int,
+                    help="most recent checkpoints kept besides the best (default 3)")
     ap.add_argument("--weight-decay", type=float,
                     help="AdamW decay of the weight matrices (default 0: Adam)")
     ap.add_argument("--min-atoms", type=int, help="train only on molecules this large or more")
@@ -116,6 +118,7 @@ def main(argv=None) -> int:
               "weight_r": args.weight_r, "ema_decay": args.ema_decay,
               "weight_decay": args.weight_decay,
               "checkpoint_every_s": args.checkpoint_every_s,
+              "keep_checkpoints": args.keep_checkpoints,
               "min_atoms": args.min_atoms, "max_atoms": args.max_atoms,
               "cap_per_size": args.cap_per_size}
     config = dataclasses.replace(preset.train, **{k: v for k, v in fields.items()
