@@ -96,14 +96,22 @@ def write_result(name: str, payload: dict, directory: Path = RESULTS) -> Path:
     return path
 
 
-def mse_adam_steps(model, lr: float = 1e-3):
+def mse_adam_steps(model, lr: float = 1e-3, *, steps_per_call: int = 1):
     """The benchmarks' jit-compiled forward and train step of an nnx ``model``.
 
-    Returns ``(forward, train_step, state, opt_state)``: ``forward(state, graph)`` gives the
+    Returns ``(forward, train_step, state, opt_state)``, ``state`` and ``opt_state`` as flat
+    lists of arrays (the model's nnx state and Adam's state; the trainers pass their carry
+    the same way, see ``mpattn.train.loop.jit_carry``): ``forward(state, graph)`` gives the
     predictions; ``train_step(state, opt_state, graph) -> (state, opt_state, loss)`` is a
     masked MSE (against ``graph.globals["y"]``) + Adam step with ``state`` and ``opt_state``
     donated (pass the returned ones on). The jitted functions keep the names ``forward`` and
     ``train_step`` (compile counters filter on them).
+
+    ``steps_per_call`` K > 1: ``train_step(state, opt_state, graphs) -> (state, opt_state,
+    losses)`` takes K batches of one padding budget stacked on a new leading axis (every leaf
+    ``[K, ...]``, see ``benchmarks.speed.stack_batches``) and runs the same step on each in
+    turn inside one jit (``jax.lax.scan``): K updates for one dispatch; ``losses`` is
+    float32[K], each the loss before its update.
     """
     import jax
     import jax.numpy as jnp
@@ -112,6 +120,8 @@ def mse_adam_steps(model, lr: float = 1e-3):
 
     from mpattn.graph import graph_mask
 
+    if int(steps_per_call) != steps_per_call or steps_per_call < 1:
+        raise ValueError(f"steps_per_call must be a positive integer, got {steps_per_call}")
     graphdef, state = nnx.split(model)
     opt = optax.adam(lr)
 
@@ -123,10 +133,38 @@ def mse_adam_steps(model, lr: float = 1e-3):
         err = jnp.where(mask, forward(state, graph) - graph.globals["y"], 0.0)
         return jnp.sum(err**2) / jnp.sum(mask)
 
-    def train_step(state, opt_state, graph):
+    def one_step(state, opt_state, graph):
         loss, grads = jax.value_and_grad(loss_fn)(state, graph)
         updates, opt_state = opt.update(grads, opt_state, state)
         return optax.apply_updates(state, updates), opt_state, loss
 
-    return (jax.jit(forward), jax.jit(train_step, donate_argnums=(0, 1)), state,
-            opt.init(state))
+    if steps_per_call == 1:
+        def train_step(state, opt_state, graph):
+            return one_step(state, opt_state, graph)
+    else:
+        def train_step(state, opt_state, graphs):
+            def body(carry, graph):
+                state, opt_state, loss = one_step(*carry, graph)
+                return (state, opt_state), loss
+
+            (state, opt_state), losses = jax.lax.scan(body, (state, opt_state), graphs,
+                                                      length=steps_per_call)
+            return state, opt_state, losses
+
+    # the jitted functions take and return flat lists of arrays, as the trainers' steps do
+    # (mpattn.train.loop.jit_carry): nnx State arguments cost ms of host time per call
+    state_leaves, state_def = jax.tree.flatten(state)
+    opt_leaves, opt_def = jax.tree.flatten(opt.init(state))
+
+    def flat_forward(state_leaves, graph):
+        return forward(jax.tree.unflatten(state_def, state_leaves), graph)
+
+    def flat_train_step(state_leaves, opt_leaves, graph):
+        state, opt_state, loss = train_step(jax.tree.unflatten(state_def, state_leaves),
+                                            jax.tree.unflatten(opt_def, opt_leaves), graph)
+        return jax.tree.leaves(state), jax.tree.leaves(opt_state), loss
+
+    flat_forward.__name__ = flat_forward.__qualname__ = "forward"
+    flat_train_step.__name__ = flat_train_step.__qualname__ = "train_step"
+    return (jax.jit(flat_forward), jax.jit(flat_train_step, donate_argnums=(0, 1)),
+            state_leaves, opt_leaves)

@@ -3,6 +3,7 @@
     python -m benchmarks.peers                              # throughput, batch 32 and 128
     python -m benchmarks.peers --minutes 10                 # + test MAE after 10 min each
     python -m benchmarks.peers --models mpnn --batches 2 --molecules 300 --no-save
+    python -m benchmarks.peers --models schnet --steps-per-call 4   # ours: 4 steps per jit call
 
 Needs the ``bench`` extra (``pip install -e ".[bench]"``: torch, torch-geometric). The PyG
 peers are built from OUR default configs (``mpattn.models.default_config``), so a config change
@@ -33,6 +34,15 @@ all batches; ratio = ours / PyG. torch uses ``--threads`` threads, JAX all cores
 sees a GPU the peers run there (``--torch-device``), their batches moved to it before the clock
 starts and each timing ending with ``torch.cuda.synchronize``; JAX's memory preallocation is
 switched off so that both fit on one GPU.
+
+Timing (``timing`` in every row and the JSON): ``pipelined`` (default) as a training loop runs,
+with no device sync per step: ours dispatches every call and blocks once at the end of the
+pass; PyG keeps its losses as tensors (:func:`pyg_mse_step_async`, no ``.item()``) and
+synchronizes once at the end. ``--sync-every-step``: ours blocks after every call and PyG reads
+each step's loss (``float``, a device sync), the timing of the results written before.
+``--steps-per-call K`` > 1 runs K of OUR train steps per jit call (``benchmarks.speed``: one
+padding budget, K stacked batches, ``--batches`` rounded down to a multiple of K); PyG still
+runs one step per batch, over the same batches (the same molecules; PyG has no padding).
 
 **Accuracy at equal time** (``--minutes M``): the ``cpu`` preset's split 15,000 / 1,000 / 5,000
 (``make_split``, seed 0, one split file for all runs); the same per-element reference and
@@ -84,10 +94,12 @@ from benchmarks.pyg_models import (
     torch_device,
     torch_params,
 )
+from benchmarks.speed import add_timing_arguments, check_timing_arguments, timing_mode
 
 __all__ = ["ACCURACY_HEADER", "SPEED_HEADER", "accuracy_rows", "format_accuracy_row",
            "format_speed_row", "lr_values", "main", "measure_pair", "measure_pyg",
-           "planned_epochs", "plot_accuracy", "pyg_mse_step", "ratio", "train_pyg"]
+           "planned_epochs", "plot_accuracy", "pyg_mse_step", "pyg_mse_step_async", "ratio",
+           "speed_header", "train_pyg"]
 
 SIZES = (15_000, 1_000, 5_000)  # the cpu preset's split
 
@@ -129,33 +141,48 @@ def lr_values(lr: float, *, steps_per_epoch: int, epochs: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- throughput
 
 
-def pyg_mse_step(model, opt, batch) -> float:
+def pyg_mse_step_async(model, opt, batch):
     """One PyG train step as ours in ``mse_adam_steps``: forward, MSE, backward, optimizer
-    step; returns the loss before the step."""
+    step; returns the loss before the step as a detached tensor, without reading it (no device
+    sync: on a GPU the step's kernels may still be queued)."""
     torch, _ = require_torch()
     opt.zero_grad()
     loss = torch.nn.functional.mse_loss(model(batch), batch.y)
     loss.backward()
     opt.step()
-    return float(loss.detach())
+    return loss.detach()
 
 
-def measure_pyg(model, batches: list, lr: float = 1e-3) -> dict:
+def pyg_mse_step(model, opt, batch) -> float:
+    """:func:`pyg_mse_step_async`, the loss read as a float (a device sync on a GPU)."""
+    return float(pyg_mse_step_async(model, opt, batch))
+
+
+def measure_pyg(model, batches: list, lr: float = 1e-3, *, sync_every_step: bool = False
+                ) -> dict:
     """Train (MSE + Adam) and inference throughput of a PyG model over converted batches,
-    which already sit on the model's device (the clock stops after the device's last kernel)."""
+    which already sit on the model's device (the clock stops after the device's last kernel).
+
+    ``sync_every_step``: each train step reads its loss (:func:`pyg_mse_step`, a device sync);
+    else the losses stay tensors (:func:`pyg_mse_step_async`) and only the end of the pass
+    synchronizes. Inference never syncs per batch.
+    """
     torch, _ = require_torch()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     device = next(model.parameters()).device
 
     def step(b):
-        return pyg_mse_step(model, opt, b)
+        if sync_every_step:
+            return pyg_mse_step(model, opt, b)
+        return pyg_mse_step_async(model, opt, b)
 
     def infer(b):
         with torch.inference_mode():
             return model(b)
 
     mols = sum(int(b.num_graphs) for b in batches)
-    out = {"params": torch_params(model), "molecules": mols, "device": str(device)}
+    out = {"params": torch_params(model), "molecules": mols, "device": str(device),
+           "timing": timing_mode(sync_every_step)}
     for kind, fn in (("train", step), ("infer", infer)):
         model.train(kind == "train")
         t0 = time.perf_counter()
@@ -170,21 +197,26 @@ def measure_pyg(model, batches: list, lr: float = 1e-3) -> dict:
     return out
 
 
-def measure_pair(name: str, gs, batch_size: int, batches: int, device=None) -> dict:
+def measure_pair(name: str, gs, batch_size: int, batches: int, device=None, *,
+                 steps_per_call: int = 1, sync_every_step: bool = False) -> dict:
     """Ours (``benchmarks.speed.measure``) and PyG's peer on the same batches: one table row.
     ``device``: the peer's torch device (default :func:`torch_device`: CUDA if there is one);
-    its batches are moved there before the clock starts, as ours are."""
+    its batches are moved there before the clock starts, as ours are. ``steps_per_call``: our
+    train steps per jit call (PyG: one per batch, over the batches ours timed);
+    ``sync_every_step``: the timing mode of both sides (see the module docstring)."""
     from benchmarks.speed import measure, qm9_batches
 
     device = device or torch_device()
-    ours = measure(name, gs, batch_size, batches)
+    ours = measure(name, gs, batch_size, batches, steps_per_call=steps_per_call,
+                   sync_every_step=sync_every_step)
     data = [pyg_batch(pyg_arrays(b)).to(device)
-            for b in qm9_batches(gs, batch_size, batches)]
-    pyg = measure_pyg(build_pyg(name, device=device), data)
+            for b in qm9_batches(gs, batch_size, ours["batches"])]
+    pyg = measure_pyg(build_pyg(name, device=device), data, sync_every_step=sync_every_step)
     if pyg["molecules"] != ours["molecules"]:
         raise RuntimeError(f"{name}: PyG saw {pyg['molecules']} molecules, ours "
                            f"{ours['molecules']}")
     return {"model": name, "batch_size": batch_size, "molecules": ours["molecules"],
+            "timing": timing_mode(sync_every_step), "steps_per_call": steps_per_call,
             "ours": ours, "pyg": pyg,
             "train_ratio": ratio(ours["train_mol_per_s"], pyg["train_mol_per_s"]),
             "infer_ratio": ratio(ours["infer_mol_per_s"], pyg["infer_mol_per_s"])}
@@ -195,14 +227,22 @@ SPEED_HEADER = (f"{'model':8s} {'batch':>5s} {'params ours/PyG':>17s} | {'train 
                 f"{'ratio':>6s} | {'compile s':>9s}")
 
 
+def speed_header(steps_per_call: int = 1) -> str:
+    """The throughput table's header: :data:`SPEED_HEADER`, plus ``steps/call`` where K > 1."""
+    return SPEED_HEADER + (f" {'steps/call':>10s}" if steps_per_call > 1 else "")
+
+
 def format_speed_row(r: dict) -> str:
-    """One line of the throughput table (compile s: ours, train + inference)."""
+    """One line of the throughput table (compile s: ours, train + inference; a last column,
+    our train steps per call, where that is more than one)."""
     o, p = r["ours"], r["pyg"]
     params = f"{o['params']:,}/{p['params']:,}"
+    k = r.get("steps_per_call", 1)
     return (f"{r['model']:8s} {r['batch_size']:5d} {params:>17s} | {o['train_mol_per_s']:16.1f} "
             f"{p['train_mol_per_s']:7.1f} {r['train_ratio']:5.2f}x | "
             f"{o['infer_mol_per_s']:16.1f} {p['infer_mol_per_s']:7.1f} {r['infer_ratio']:5.2f}x "
-            f"| {o['compile_s_train'] + o['compile_s_infer']:9.1f}")
+            f"| {o['compile_s_train'] + o['compile_s_infer']:9.1f}"
+            + (f" {k:10d}" if k > 1 else ""))
 
 
 # ----------------------------------------------------------------------------- accuracy
@@ -412,9 +452,11 @@ def main(argv=None) -> int:
                     help="run_qm9 outputs of --minutes (default: a temporary folder)")
     ap.add_argument("--out", type=Path, default=None,
                     help="folder of the JSON/PNG (default benchmarks/results)")
+    add_timing_arguments(ap)
     add_dataset_cache_argument(ap)
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
+    check_timing_arguments(ap, args)
     try:
         torch, pyg = require_torch()
     except ImportError as exc:
@@ -427,13 +469,18 @@ def main(argv=None) -> int:
     device = torch_device(args.torch_device)
     sizes = list(dict.fromkeys(args.batch_sizes + ([args.batch_size] if args.minutes else [])))
     gs = qm9_graphs(args.molecules, "complete", dataset_cache=args.dataset_cache)
-    print(SPEED_HEADER, flush=True)
+    print(speed_header(args.steps_per_call), flush=True)
     rows = []
     for name in args.models:
         for bs in sizes:
-            rows.append(measure_pair(name, gs, bs, args.batches, device=device))
+            rows.append(measure_pair(name, gs, bs, args.batches, device=device,
+                                     steps_per_call=args.steps_per_call,
+                                     sync_every_step=args.sync_every_step))
             print(format_speed_row(rows[-1]), flush=True)
+    timing = timing_mode(args.sync_every_step)
+    print(f"timing: {timing}; our train steps per call: {args.steps_per_call}", flush=True)
     payload = {"edge_set": "complete", "molecules": args.molecules, "batches": args.batches,
+               "timing": timing, "steps_per_call": args.steps_per_call,
                "torch": torch.__version__, "torch_geometric": pyg.__version__,
                "torch_threads": torch.get_num_threads(), "torch_device": str(device),
                "rows": rows}

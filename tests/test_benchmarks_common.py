@@ -59,3 +59,78 @@ def test_benchmark_scripts_read_the_dataset_cache(script, qm9_molset, tmp_path, 
     assert main(["--models", "schnet", *size, "--batches", "1", "--molecules", "30",
                  "--dataset-cache", str(path), "--no-save"]) == 0
     assert "schnet" in capsys.readouterr().out
+
+
+# ------------------------------------------------- mse_adam_steps: K train steps in one call
+
+
+def _tiny_schnet():
+    from flax import nnx
+
+    from mpattn.models import create_model
+
+    return create_model("schnet", rngs=nnx.Rngs(0), interactions=2, dim=32, num_filters=32,
+                        num_rbf=16)
+
+
+@pytest.fixture(scope="module")
+def one_budget_batches(qm9_graphset):
+    """8 batches of 8 real QM9 molecules (the first 64), all padded to one budget."""
+    from benchmarks.speed import qm9_batches
+
+    data = qm9_batches(qm9_graphset.subset(np.arange(64)), 8, 8, single_budget=True)
+    assert len(data) == 8
+    assert len({b.senders.shape for b in data}) == 1
+    return data
+
+
+def test_k_steps_in_one_call_equal_k_single_steps(one_budget_batches):
+    import jax
+
+    from benchmarks.common import mse_adam_steps
+    from benchmarks.speed import stack_batches
+
+    batches = one_budget_batches[:4]
+    _, single, state, opt_state = mse_adam_steps(_tiny_schnet())
+    losses = []
+    for b in batches:
+        state, opt_state, loss = single(state, opt_state, b)
+        losses.append(float(loss))
+    _, scanned, state_k, opt_k = mse_adam_steps(_tiny_schnet(), steps_per_call=4)
+    (stack,) = stack_batches(batches, 4)
+    state_k, opt_k, losses_k = scanned(state_k, opt_k, stack)
+    assert losses_k.shape == (4,)
+    np.testing.assert_allclose(np.asarray(losses_k), losses, rtol=1e-5, atol=1e-6)
+    assert len(set(losses)) == 4  # the parameters really moved between the steps
+    leaves, leaves_k = jax.tree.leaves(state), jax.tree.leaves(state_k)
+    assert len(leaves) == len(leaves_k) > 0
+    for a, b in zip(leaves, leaves_k, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(opt_state), jax.tree.leaves(opt_k), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
+def test_k_step_train_step_compiles_once_per_budget(one_budget_batches):
+    from benchmarks.common import mse_adam_steps
+    from benchmarks.speed import CompileCounter, stack_batches
+
+    _, train_step, state, opt_state = mse_adam_steps(_tiny_schnet(), steps_per_call=4)
+    stacks = stack_batches(one_budget_batches, 4)
+    assert len(stacks) == 2
+    with CompileCounter("train_step") as counter:
+        for stack in stacks + stacks:  # 4 calls, 16 steps, one shape
+            state, opt_state, losses = train_step(state, opt_state, stack)
+            losses.block_until_ready()
+    assert counter.count == 1
+    assert losses.shape == (4,) and np.isfinite(np.asarray(losses)).all()
+    with pytest.raises(ValueError, match="length"):  # a stack of 2 is not a call of 4 steps
+        train_step(state, opt_state, stack_batches(one_budget_batches[:2], 2)[0])
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5])
+def test_mse_adam_steps_rejects_bad_steps_per_call(k):
+    from benchmarks.common import mse_adam_steps
+
+    with pytest.raises(ValueError, match=rf"^steps_per_call must be a positive integer, "
+                                         rf"got {k}$"):
+        mse_adam_steps(_tiny_schnet(), steps_per_call=k)

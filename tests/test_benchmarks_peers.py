@@ -1,6 +1,7 @@
 """Tests of benchmarks/peers.py: planned epochs, ratios and tables, batch conversion, the
 missing-torch error (all without torch), and with PyG installed: parameter counts, the PyG
-peers computing our models' function given our weights, a train step, the equal-time loop."""
+peers computing our models' function given our weights, a train step, the equal-time loop,
+the pipelined and sync-every-step timing paths with several of our steps per call."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from benchmarks.peers import (
     main,
     planned_epochs,
     ratio,
+    speed_header,
 )
 from benchmarks.pyg_models import pyg_arrays, require_torch
 from mpattn.graph import Budget, pad_batch
@@ -75,6 +77,26 @@ def test_format_speed_row_fields_and_alignment():
     assert comp == ["12.2"]  # 9.25 + 3.0
     assert [i for i, c in enumerate(line) if c == "|"] == [
         i for i, c in enumerate(SPEED_HEADER) if c == "|"]
+
+
+def test_format_speed_row_shows_our_steps_per_call_above_one():
+    line = format_speed_row(_speed_row() | {"steps_per_call": 4})
+    assert line.split()[-2:] == ["12.2", "4"]
+    assert len(line) == len(speed_header(4)) and speed_header(4).endswith(" steps/call")
+    assert speed_header(1) == SPEED_HEADER
+    assert len(format_speed_row(_speed_row() | {"steps_per_call": 1})) == len(SPEED_HEADER)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--steps-per-call", "-2"], "--steps-per-call must be >= 1, got -2"),
+    (["--batches", "3", "--steps-per-call", "4"],
+     "--batches (3) must be at least --steps-per-call (4)"),
+])
+def test_main_rejects_bad_steps_per_call(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # an argument error, before torch or QM9
+        main(["--no-save", *args])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(message)
 
 
 def test_format_accuracy_row_fields():
@@ -311,6 +333,88 @@ def test_one_pyg_train_step_lowers_the_loss(qm9_graphset):
             after = float(torch.nn.functional.mse_loss(model(batch), batch.y))
         assert after < before, name
         np.testing.assert_allclose(pyg_mse_step(model, opt, batch), after, rtol=1e-5)
+
+
+def test_the_async_pyg_step_is_the_same_step_without_reading_the_loss(qm9_graphset):
+    pytest.importorskip("torch_geometric")
+    import torch
+
+    from benchmarks.peers import pyg_mse_step, pyg_mse_step_async
+    from benchmarks.pyg_models import build_pyg, pyg_batch
+    from mpattn.models import default_config
+
+    index = np.arange(12)
+    n, e = int(qm9_graphset.n_node[index].sum()), int(qm9_graphset.n_edge[index].sum())
+    graph = pad_batch(qm9_graphset, index, Budget(n_node=n + 1, n_edge=e, n_graph=13))
+    u0 = qm9_graphset.globals["U0"][index]
+    y = np.zeros(13, np.float32)
+    y[:12] = (u0 - u0.mean()) / u0.std()
+    batch = pyg_batch(pyg_arrays(graph._replace(globals={"y": y})))
+    config = default_config("schnet", **SMALL["schnet"])
+    models = [build_pyg("schnet", config, seed=1) for _ in range(2)]
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in models]
+    for _ in range(2):
+        got = pyg_mse_step_async(models[0], opts[0], batch)
+        want = pyg_mse_step(models[1], opts[1], batch)
+        assert isinstance(got, torch.Tensor) and got.shape == () and not got.requires_grad
+        assert isinstance(want, float)
+        np.testing.assert_allclose(float(got), want, rtol=1e-6)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("sync", "timing"), [(True, "sync_every_step"), (False, "pipelined")])
+def test_measure_pyg_reads_the_loss_every_step_only_when_synced(sync, timing, qm9_graphset,
+                                                                monkeypatch):
+    pytest.importorskip("torch_geometric")
+    import torch
+
+    import benchmarks.peers as peers
+    from benchmarks.pyg_models import build_pyg, pyg_batch
+    from mpattn.models import default_config
+
+    reads = []
+    real_float = torch.Tensor.__float__
+
+    def counted_float(self):  # float(loss): the device sync of a synced step
+        reads.append(self)
+        return real_float(self)
+
+    monkeypatch.setattr(torch.Tensor, "__float__", counted_float)
+    synced_steps = []
+    real_step = peers.pyg_mse_step
+    monkeypatch.setattr(peers, "pyg_mse_step",
+                        lambda *a: synced_steps.append(1) or real_step(*a))
+    batches = []
+    for i in range(3):
+        index = np.arange(6 * i, 6 * i + 6)
+        n, e = int(qm9_graphset.n_node[index].sum()), int(qm9_graphset.n_edge[index].sum())
+        graph = pad_batch(qm9_graphset, index, Budget(n_node=n + 1, n_edge=e, n_graph=7))
+        y = np.linspace(-1, 1, 7).astype(np.float32)
+        batches.append(pyg_batch(pyg_arrays(graph._replace(globals={"y": y}))))
+    model = build_pyg("schnet", default_config("schnet", **SMALL["schnet"]))
+    out = peers.measure_pyg(model, batches, sync_every_step=sync)
+    assert out["timing"] == timing and out["molecules"] == 18
+    assert out["train_mol_per_s"] > 0 and out["infer_mol_per_s"] > 0
+    # synced: the warm-up step and the 3 timed ones each read their loss; pipelined: none
+    assert len(synced_steps) == len(reads) == (4 if sync else 0)
+
+
+def test_measure_pair_runs_ours_k_steps_per_call_against_pyg(qm9_graphset):
+    pytest.importorskip("torch_geometric")
+    import torch
+
+    from benchmarks.peers import measure_pair
+
+    gs = qm9_graphset.subset(np.arange(60))
+    row = measure_pair("schnet", gs, 8, 5, device=torch.device("cpu"), steps_per_call=2)
+    assert row["timing"] == row["ours"]["timing"] == row["pyg"]["timing"] == "pipelined"
+    assert row["steps_per_call"] == row["ours"]["steps_per_call"] == 2
+    assert row["ours"]["batches"] == 4 and row["ours"]["train_calls"] == 2  # 5th dropped
+    assert row["molecules"] == row["ours"]["molecules"] == row["pyg"]["molecules"] == 32
+    assert row["ours"]["compiles_train"] == 1 and row["ours"]["compiles_ok"] is True
+    np.testing.assert_allclose(row["train_ratio"], row["ours"]["train_mol_per_s"]
+                               / row["pyg"]["train_mol_per_s"], rtol=1e-12)
 
 
 @pytest.fixture(scope="module")
