@@ -5,8 +5,10 @@
 #   bash benchmarks/gpu_session.sh STAGE [QM9_CACHE]
 #
 # STAGE:
-#   bench    benchmarks.speed, benchmarks.peers (throughput; PyG on the same GPU) and
-#            benchmarks.roofline on QM9 batches                            (about 6-9 min)
+#   bench    benchmarks.speed and benchmarks.peers (throughput; PyG on the same GPU), timed
+#            pipelined; peers again for mpnn and schnet with $STEPS (default 8) of our steps
+#            per jit call, and with --sync-every-step (as the results before 2026-11-23);
+#            benchmarks.roofline only with ROOFLINE=1                      (about 8-9 min)
 #   accuracy experiments.qm9_u0 on the cpu preset's split (15,000 training molecules): the
 #            default model with vector channels at batch $BATCH (default 64), $STEPS
 #            (default 8) train steps per jit call, as many epochs
@@ -48,6 +50,7 @@ py=${PYTHON:-python3}
 if [[ ${QUICK:-0} == 1 ]]; then
     small=(--models schnet --batches 1 --molecules 30)
     speed=("${small[@]}" --batch-sizes 8)
+    multi=(--batches 2 --steps-per-call 2)
     roof=("${small[@]}" --batch-size 8)
     few=(--train-size 200 --val-size 50 --test-size 50)
     acc=("${few[@]}")
@@ -58,6 +61,7 @@ if [[ ${QUICK:-0} == 1 ]]; then
     long_epochs=${EPOCHS:-3}
 else
     speed=() roof=(--models mpnn schnet mhmp attention_potential) acc=() scal=() std=() long=()
+    multi=(--steps-per-call "$steps")
 fi
 case $stage in bench|accuracy|scaling|long) ;; *)
     echo "unknown stage '$stage'; choose bench, accuracy, scaling or long" >&2; exit 2;;
@@ -85,7 +89,14 @@ case $stage in
 bench)
     step 240 "$py" -m benchmarks.speed --dataset-cache "$cache" "${speed[@]}"
     step 150 "$py" -m benchmarks.peers --dataset-cache "$cache" "${speed[@]}"
-    step 120 "$py" -m benchmarks.roofline --dataset-cache "$cache" "${roof[@]}"
+    # our steps K per jit call, and the per-step sync of the results before 2026-11-23
+    step 120 "$py" -m benchmarks.peers --dataset-cache "$cache" "${speed[@]}" \
+        --models mpnn schnet "${multi[@]}"
+    step 90 "$py" -m benchmarks.peers --dataset-cache "$cache" "${speed[@]}" \
+        --models mpnn schnet --sync-every-step
+    if [[ ${ROOFLINE:-0} == 1 ]]; then
+        step 120 "$py" -m benchmarks.roofline --dataset-cache "$cache" "${roof[@]}"
+    fi
     ;;
 accuracy)
     # batch 64, not the cpu preset's 16: on one H100 a step at batch 16 is launch-bound (9 ms,
