@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh STAGE [QM9_CACHE]
 #
 # STAGE:
-#   bench    benchmarks.speed and benchmarks.peers (throughput; PyG on the same GPU), timed
+#   bench    benchmarks.peers (throughput; PyG on the same GPU) and benchmarks.speed, timed
 #            pipelined; peers again for mpnn and schnet with $STEPS (default 8) of our steps
 #            per jit call, and with --sync-every-step (as the results before 2026-11-23);
 #            benchmarks.roofline only with ROOFLINE=1                      (about 8-9 min)
@@ -20,7 +20,7 @@
 #   long     one leg of a run longer than a device call: experiments.qm9_u0 as in accuracy,
 #            $EPOCHS (default 600) epochs of the cosine, $STEPS (default 8) steps per jit
 #            call, in runs/long[-$TAG]; it resumes when that folder holds checkpoints and
-#            stops after $LEG_S (default 530) seconds (SIGINT; the checkpoints, saved every
+#            stops after $LEG_S (default 520) seconds (SIGINT; the checkpoints, saved every
 #            30 s, stay). The archive holds the whole folder (latest + best checkpoint, ~8 MB
 #            for the vector model): unpack it and carry runs/long[-$TAG] to the next call.
 #            When the run ends (epochs or $TOTAL_MIN, default 60, minutes of training) the
@@ -87,13 +87,14 @@ step() {  # step SECONDS COMMAND...: a time limit per step, so one slow step spa
 
 case $stage in
 bench)
-    step 240 "$py" -m benchmarks.speed --dataset-cache "$cache" "${speed[@]}"
-    step 150 "$py" -m benchmarks.peers --dataset-cache "$cache" "${speed[@]}"
+    # step limits sum to 510 s, so the archive is written inside a 600-s device call
+    step 130 "$py" -m benchmarks.peers --dataset-cache "$cache" "${speed[@]}"
     # our steps K per jit call, and the per-step sync of the results before 2026-11-23
-    step 120 "$py" -m benchmarks.peers --dataset-cache "$cache" "${speed[@]}" \
+    step 100 "$py" -m benchmarks.peers --dataset-cache "$cache" "${speed[@]}" \
         --models mpnn schnet "${multi[@]}"
-    step 90 "$py" -m benchmarks.peers --dataset-cache "$cache" "${speed[@]}" \
+    step 80 "$py" -m benchmarks.peers --dataset-cache "$cache" "${speed[@]}" \
         --models mpnn schnet --sync-every-step
+    step 200 "$py" -m benchmarks.speed --dataset-cache "$cache" "${speed[@]}"
     if [[ ${ROOFLINE:-0} == 1 ]]; then
         step 120 "$py" -m benchmarks.roofline --dataset-cache "$cache" "${roof[@]}"
     fi
@@ -121,7 +122,7 @@ long)
     resume=()
     if [[ -d $work/checkpoints ]]; then resume=(--resume); fi
     # shellcheck disable=SC2086  # EXTRA is split into options on purpose
-    step "${LEG_S:-530}" "$py" -m experiments.qm9_u0 --dataset-cache "$cache" --preset cpu \
+    step "${LEG_S:-520}" "$py" -m experiments.qm9_u0 --dataset-cache "$cache" --preset cpu \
         --batch-size "$batch" --epochs "$long_epochs" --time-budget-min "${TOTAL_MIN:-60}" \
         --steps-per-call "$steps" --keep-checkpoints 1 \
         --model-config '{"vector_features": true}' --workdir "$work" --no-progress \
