@@ -310,21 +310,28 @@ def test_edge_features_match_our_basis():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+def _pyg_first(gs, k: int):
+    """The first ``k`` molecules of ``gs`` as one PyG batch, U0 standardised as ``y``."""
+    from benchmarks.pyg_models import pyg_batch
+
+    index = np.arange(k)
+    n, e = int(gs.n_node[index].sum()), int(gs.n_edge[index].sum())
+    graph = pad_batch(gs, index, Budget(n_node=n + 1, n_edge=e, n_graph=k + 1))
+    u0 = gs.globals["U0"][index]
+    y = np.zeros(k + 1, np.float32)
+    y[:k] = (u0 - u0.mean()) / u0.std()
+    return pyg_batch(pyg_arrays(graph._replace(globals={"y": y})))
+
+
 def test_one_pyg_train_step_lowers_the_loss(qm9_graphset):
     pytest.importorskip("torch_geometric")
     import torch
 
     from benchmarks.peers import pyg_mse_step
-    from benchmarks.pyg_models import build_pyg, pyg_batch
+    from benchmarks.pyg_models import build_pyg
     from mpattn.models import default_config
 
-    index = np.arange(16)
-    n, e = int(qm9_graphset.n_node[index].sum()), int(qm9_graphset.n_edge[index].sum())
-    graph = pad_batch(qm9_graphset, index, Budget(n_node=n + 1, n_edge=e, n_graph=17))
-    u0 = qm9_graphset.globals["U0"][index]
-    y = np.zeros(17, np.float32)
-    y[:16] = (u0 - u0.mean()) / u0.std()
-    batch = pyg_batch(pyg_arrays(graph._replace(globals={"y": y})))
+    batch = _pyg_first(qm9_graphset, 16)
     for name in ("mpnn", "schnet"):
         model = build_pyg(name, default_config(name, **SMALL[name]))
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -340,16 +347,10 @@ def test_the_async_pyg_step_is_the_same_step_without_reading_the_loss(qm9_graphs
     import torch
 
     from benchmarks.peers import pyg_mse_step, pyg_mse_step_async
-    from benchmarks.pyg_models import build_pyg, pyg_batch
+    from benchmarks.pyg_models import build_pyg
     from mpattn.models import default_config
 
-    index = np.arange(12)
-    n, e = int(qm9_graphset.n_node[index].sum()), int(qm9_graphset.n_edge[index].sum())
-    graph = pad_batch(qm9_graphset, index, Budget(n_node=n + 1, n_edge=e, n_graph=13))
-    u0 = qm9_graphset.globals["U0"][index]
-    y = np.zeros(13, np.float32)
-    y[:12] = (u0 - u0.mean()) / u0.std()
-    batch = pyg_batch(pyg_arrays(graph._replace(globals={"y": y})))
+    batch = _pyg_first(qm9_graphset, 12)
     config = default_config("schnet", **SMALL["schnet"])
     models = [build_pyg("schnet", config, seed=1) for _ in range(2)]
     opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in models]
