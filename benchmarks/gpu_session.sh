@@ -25,6 +25,11 @@
 #            for the vector model): unpack it and carry runs/long[-$TAG] to the next call.
 #            When the run ends (epochs or $TOTAL_MIN, default 60, minutes of training) the
 #            results are copied to benchmarks/results/                   (about 10 min)
+#   sweep    benchmarks.sweep: several experiments.qm9_u0 runs of the accuracy stage's setup
+#            at once on the one GPU ($SWEEP names them, default vec64 vec128 vec64-wd
+#            vec64-b32; `python -m benchmarks.sweep --list`), $MINUTES (default 7) minutes of
+#            training each, and their ensemble; each run's folder and the sweep's JSON land in
+#            benchmarks/results/ (TAG names a second sweep of the same day) (about 9.5 min)
 #
 # QM9_CACHE: the featurized QM9 cache (default .cache/qm9.npz; `python -m mpattn.data.qm9
 # --summary` prints where it lives). With it no machine needs qm9pack or RDKit.
@@ -38,7 +43,7 @@
 # benchmarks/results/ (the experiment folders under benchmarks/results/<name>/).
 set -uo pipefail
 
-stage=${1:?usage: bash benchmarks/gpu_session.sh bench|accuracy|scaling|long [QM9_CACHE]}
+stage=${1:?usage: bash benchmarks/gpu_session.sh bench|accuracy|scaling|long|sweep [QM9_CACHE]}
 cache=${2:-.cache/qm9.npz}
 out=${OUT:-runs/gpu-session}
 epochs=(${EPOCHS:+--epochs "$EPOCHS"})
@@ -59,12 +64,14 @@ if [[ ${QUICK:-0} == 1 ]]; then
     std=("${few[@]}" --epochs 1)
     long=("${few[@]}")
     long_epochs=${EPOCHS:-3}
+    sweep=("${few[@]}" --epochs 2)
 else
     speed=() roof=(--models mpnn schnet mhmp attention_potential) acc=() scal=() std=() long=()
+    sweep=()
     multi=(--steps-per-call "$steps")
 fi
-case $stage in bench|accuracy|scaling|long) ;; *)
-    echo "unknown stage '$stage'; choose bench, accuracy, scaling or long" >&2; exit 2;;
+case $stage in bench|accuracy|scaling|long|sweep) ;; *)
+    echo "unknown stage '$stage'; choose bench, accuracy, scaling, long or sweep" >&2; exit 2;;
 esac
 if [[ ! -f $cache ]]; then
     echo "QM9 cache '$cache' not found (build it with: python -m mpattn.data.qm9 --summary)" >&2
@@ -133,6 +140,14 @@ long)
         mkdir -p "$done_dir"
         find "$work" -maxdepth 1 -type f -exec cp {} "$done_dir/" \;
     fi
+    ;;
+sweep)
+    # each run: ~10 s to load, a compiling and a timed epoch to plan, then its budget (which
+    # holds the real run's compile), ~10 s of test evaluation and plots: 7 min fit 570 s
+    # shellcheck disable=SC2086  # SWEEP is split into variant names on purpose
+    step 570 "$py" -m benchmarks.sweep --dataset-cache "$cache" --minutes "${MINUTES:-7}" \
+        --batch-size "$batch" --steps-per-call "$steps" ${SWEEP:+--variants $SWEEP} \
+        ${TAG:+--tag "$TAG"} "${sweep[@]}"
     ;;
 esac
 

@@ -16,7 +16,13 @@ import numpy as np
 
 from mpattn.train.distributed import is_primary
 from mpattn.train.loop import TrainConfig, Trainer, calibrate_epochs, prepare
-from mpattn.train.report import plot_curves, plot_parity, plot_per_size, write_json
+from mpattn.train.report import (
+    plot_curves,
+    plot_parity,
+    plot_per_size,
+    write_json,
+    write_predictions,
+)
 
 __all__ = ["DEFAULT_MODEL", "PRESETS", "Preset", "run_qm9"]
 
@@ -113,7 +119,8 @@ def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=
             resume: bool = False, dataset_cache: str | Path | None = None,
             model_overrides: dict | None = None, preset: str | None = None,
             plan_epochs: bool = False, progress: bool = True, log=print) -> dict:
-    """Train and evaluate on QM9; writes results.json, metrics.csv, plots, checkpoints, split.
+    """Train and evaluate on QM9; writes results.json, metrics.csv, predictions.csv (val and test,
+    per molecule), plots, checkpoints, split.
 
     Args:
         config: training settings (model name, target, loss, epochs, ...).
@@ -195,6 +202,9 @@ def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=
     if not primary:
         return results
     write_json(workdir / "results.json", results)
+    write_predictions(workdir / "predictions.csv", {
+        name: (part.ids, part.n_atoms, part.true, rep["_pred"])
+        for name, part, rep in (("val", data.val, val), ("test", data.test, test))})
     if history:
         plot_curves(history, workdir / "curves.png")
     unit = "eV" if key == "mae_mev" else config.target

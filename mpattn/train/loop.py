@@ -102,6 +102,7 @@ class Split3:
     true: np.ndarray  # float64 [G], target units
     counts: np.ndarray  # float64 [G, elements]
     n_atoms: np.ndarray  # int [G]
+    ids: np.ndarray | None = None  # int64 [G] dataset ids (QM9 indices), when known
 
 
 @dataclass
@@ -149,7 +150,8 @@ def prepare(ms: MoleculeSet, split: Split, config: TrainConfig) -> Prepared:
         gs = sub.to_graphset(options, targets=[])
         true = sub.targets[config.target].astype(np.float64)
         gs.globals["y"] = transform.encode(true, counts).astype(np.float32)
-        out[name] = Split3(gs, true, counts, sub.n_atoms.astype(np.int64))
+        out[name] = Split3(gs, true, counts, sub.n_atoms.astype(np.int64),
+                           np.asarray(sub.ids, np.int64))
     return Prepared(out["train"], out["val"], out["test"], transform)
 
 

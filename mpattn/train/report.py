@@ -27,6 +27,58 @@ def write_json(path: str | Path, obj: dict) -> Path:
     return path
 
 
+PREDICTION_COLUMNS = ("part", "id", "n_atoms", "true", "pred")
+
+
+def write_predictions(path: str | Path, parts: dict) -> Path:
+    """``predictions.csv``: one row per molecule, ``part,id,n_atoms,true,pred``.
+
+    Args:
+        path: the file to write (through a temporary name, then renamed).
+        parts: part name (``"val"``, ``"test"``) -> ``(ids, n_atoms, true, pred)``, arrays of
+            one length each; values in the target's unit (eV for energies).
+    """
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    lines = [",".join(PREDICTION_COLUMNS)]
+    for name, (ids, n_atoms, true, pred) in parts.items():
+        ids, n_atoms, true, pred = (np.asarray(a).ravel() for a in (ids, n_atoms, true, pred))
+        if not len(ids) == len(n_atoms) == len(true) == len(pred):
+            raise ValueError(f"write_predictions: part {name!r} has {len(ids)} ids, "
+                             f"{len(n_atoms)} sizes, {len(true)} targets, {len(pred)} "
+                             "predictions")
+        lines += [f"{name},{int(i)},{int(n)},{t:.6f},{p:.6f}"
+                  for i, n, t, p in zip(ids, n_atoms, true, pred, strict=True)]
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_predictions(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    """Inverse of :func:`write_predictions`: part -> ``{"id", "n_atoms", "true", "pred"}``."""
+    path = Path(path)
+    with path.open() as f:
+        header = f.readline().strip().split(",")
+        if tuple(header) != PREDICTION_COLUMNS:
+            raise ValueError(f"{path}: not a predictions file (header {header}, expected "
+                             f"{list(PREDICTION_COLUMNS)})")
+        rows = [line.rstrip("\n").split(",") for line in f if line.strip()]
+    out: dict[str, dict[str, list]] = {}
+    for k, row in enumerate(rows, start=2):
+        if len(row) != len(PREDICTION_COLUMNS):
+            raise ValueError(f"{path}, line {k}: {len(row)} fields, expected "
+                             f"{len(PREDICTION_COLUMNS)}")
+        cols = out.setdefault(row[0], {"id": [], "n_atoms": [], "true": [], "pred": []})
+        cols["id"].append(int(row[1]))
+        cols["n_atoms"].append(int(row[2]))
+        cols["true"].append(float(row[3]))
+        cols["pred"].append(float(row[4]))
+    return {part: {"id": np.asarray(c["id"], np.int64),
+                   "n_atoms": np.asarray(c["n_atoms"], np.int64),
+                   "true": np.asarray(c["true"], np.float64),
+                   "pred": np.asarray(c["pred"], np.float64)} for part, c in out.items()}
+
+
 def _figure():
     import matplotlib
 

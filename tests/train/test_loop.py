@@ -18,6 +18,7 @@ import pytest
 from mpattn.data.cache import save_molset
 from mpattn.data.qm9 import make_split
 from mpattn.train.loop import TrainConfig, Trainer, TrainingDiverged, prepare
+from mpattn.train.report import read_predictions
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"interactions": 2, "dim": 32, "num_filters": 32, "num_rbf": 16, "cutoff": 5.0}
@@ -76,6 +77,13 @@ def test_tiny_run_writes_every_output_and_its_loss_falls(cache_file, tmp_path):
     assert losses[-1] < losses[0]
     split = json.loads((run / "split.json").read_text())
     assert len(split["train"]) == SIZES[0] and not set(split["train"]) & set(split["test"])
+    preds = read_predictions(run / "predictions.csv")
+    assert set(preds) == {"val", "test"} and len(preds["test"]["id"]) == SIZES[2]
+    assert sorted(preds["test"]["id"].tolist()) == sorted(split["test"])
+    test = preds["test"]
+    mae = 1000 * np.mean(np.abs(test["pred"] - test["true"]))  # written at 1e-6 eV
+    assert mae == pytest.approx(results["test"]["mae_mev"], abs=2e-3)
+    assert test["n_atoms"].min() >= 3
 
 
 def test_no_recompilation_across_batches_of_one_budget(qm9_molset, tmp_path):

@@ -1,0 +1,123 @@
+"""benchmarks.sweep's own logic: the runs' command lines, launching, the ensemble, the table."""
+
+from __future__ import annotations
+
+import json
+import stat
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import sweep
+from mpattn.train.report import read_predictions, write_predictions
+
+
+def _args(*argv):
+    return sweep.parse(["--dataset-cache", "qm9.npz", *argv])
+
+
+def test_command_puts_the_variants_options_last_so_they_win():
+    args = _args("--variants", "vec64-b32", "--minutes", "3", "--train-size", "500", "--",
+                 "--lr", "5e-4")
+    cmd = sweep.command("vec64-b32", args, Path("w"))
+    assert cmd[1:4] == ["-m", "experiments.qm9_u0", "--preset"]
+    assert cmd[cmd.index("--model-config") + 1] == '{"vector_features": true}'
+    assert cmd[cmd.index("--time-budget-min") + 1] == "3"
+    assert cmd[cmd.index("--train-size") + 1] == "500" and "--val-size" not in cmd
+    assert "--epochs" not in cmd  # planned from the budget
+    # the sweep's batch 64 first, the variant's batch 32 after it (argparse keeps the last)
+    sizes = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--batch-size"]
+    assert sizes == ["64", "32"]
+    assert cmd[-2:] == ["--lr", "5e-4"]
+    wide = sweep.command("vec128", _args("--epochs", "5"), Path("w"))
+    assert json.loads(wide[wide.index("--model-config") + 1]) == {
+        "vector_features": True, "dim": 128, "num_heads": 8, "ff_dim": 256}
+    assert wide[wide.index("--epochs") + 1] == "5"
+
+
+def test_parse_rejects_bad_variant_lists(capsys):
+    with pytest.raises(SystemExit):
+        _args("--variants", "vec64", "vec64")
+    assert "names a run twice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _args("--variants", "vec65")
+    assert "invalid choice: 'vec65'" in capsys.readouterr().err
+    assert _args().concurrency == len(sweep.DEFAULT_VARIANTS)
+    assert _args("--concurrency", "1").concurrency == 1
+
+
+def _predictions(ids, true, pred):
+    n = np.full(len(ids), 9)
+    return {"val": {"id": np.asarray(ids), "n_atoms": n, "true": np.asarray(true),
+                    "pred": np.asarray(pred)},
+            "test": {"id": np.asarray(ids), "n_atoms": n, "true": np.asarray(true),
+                     "pred": np.asarray(pred)}}
+
+
+def test_ensemble_averages_predictions_matched_by_id():
+    # run a is 20 meV high on molecule 1 and 10 meV low on 2; run b lists them in the other
+    # order and is 20 meV low and 30 meV high: the mean is 0 and +10 meV
+    a = _predictions([1, 2], [-10.0, -20.0], [-9.98, -20.01])
+    b = _predictions([2, 1], [-20.0, -10.0], [-19.97, -10.02])
+    out = sweep.ensemble({"a": a, "b": b})
+    assert out["members"] == ["a", "b"]
+    assert out["test"]["mae_mev"] == pytest.approx(5.0, abs=1e-9)
+    assert out["test"]["rmse_mev"] == pytest.approx(np.sqrt(50.0), abs=1e-9)
+    with pytest.raises(ValueError, match="run 'c' has other val molecules than 'a'"):
+        sweep.ensemble({"a": a, "c": _predictions([1, 3], [-10.0, -30.0], [-10.0, -30.0])})
+    with pytest.raises(ValueError, match="at least 2 runs"):
+        sweep.ensemble({"a": a})
+
+
+STUB = """#!{python}
+import json, sys
+from pathlib import Path
+argv = sys.argv
+work = Path(argv[argv.index("--workdir") + 1])
+if "--weight-decay" in argv:
+    print("diverged"); sys.exit(3)
+shift = 0.01 if "--batch-size" in argv[argv.index("--batch-size") + 2:] else -0.03
+results = {{"params": 10, "epochs": 4, "best_epoch": 4, "train_mol_per_s": 123.0,
+           "train_seconds": 1.0, "config": {{"epochs": 5, "batch_size": 64}},
+           "val": {{"mae_mev": 1.0}}, "test": {{"mae_mev": 2.0, "rmse_mev": 3.0}}}}
+(work / "results.json").write_text(json.dumps(results))
+rows = [f"{{p}},{{i}},3,{{t}},{{t + shift}}" for p in ("val", "test")
+        for i, t in ((1, -1.0), (2, -2.0))]
+(work / "predictions.csv").write_text("\\n".join(["part,id,n_atoms,true,pred"] + rows))
+print("ok")
+"""
+
+
+def test_sweep_runs_the_variants_and_reports_the_failed_one(tmp_path, capsys):
+    stub = tmp_path / "fake_python"
+    stub.write_text(STUB.format(python=sys.executable))
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    rc = sweep.main(["--variants", "vec64", "vec64-b32", "vec64-wd", "--concurrency", "2",
+                     "--python", str(stub), "--results-dir", str(tmp_path / "res"),
+                     "--tag", "t"])
+    out = capsys.readouterr().out
+    assert rc == 1  # one run failed
+    assert "| vec64-wd | did not finish (status 3) |" in out
+    # vec64 is 30 meV low, vec64-b32 10 meV high on both molecules: the mean is 10 meV low
+    assert "| ensemble of 2 (mean prediction) | | | | 10.0 meV | 10.0 meV |" in out
+    saved = json.loads(next((tmp_path / "res").glob("sweep-*.json")).read_text())
+    assert [r["status"] for r in saved["runs"]] == [0, 0, 3]
+    assert saved["ensemble"]["members"] == ["vec64", "vec64-b32"]
+    work = Path(saved["runs"][2]["workdir"])
+    assert work.name.endswith("-sweep-vec64-wd-t")
+    log = (work / "log.txt").read_text()
+    assert log.startswith("+ ") and "--weight-decay 0.05" in log and "diverged" in log
+    # a second sweep into the same folders refuses to overwrite finished runs
+    assert sweep.main(["--variants", "vec64", "--python", str(stub), "--results-dir",
+                       str(tmp_path / "res"), "--tag", "t"]) == 2
+    assert "hold results already" in capsys.readouterr().err
+
+
+def test_predictions_written_by_a_run_feed_the_ensemble(tmp_path):
+    for name, pred in (("a", [-1.002, -2.0]), ("b", [-0.998, -2.004])):
+        write_predictions(tmp_path / f"{name}.csv",
+                          {p: ([5, 6], [3, 4], [-1.0, -2.0], pred) for p in ("val", "test")})
+    out = sweep.ensemble({n: read_predictions(tmp_path / f"{n}.csv") for n in "ab"})
+    assert out["val"]["mae_mev"] == pytest.approx(1.0, abs=1e-6)
