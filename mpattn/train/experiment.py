@@ -91,8 +91,9 @@ def _device() -> str:
 
 
 def _planned(config: TrainConfig, data, workdir: Path, model_config, *, resume: bool,
-             log) -> TrainConfig:
-    """``config`` with the epochs that fit its time budget (see ``run_qm9(plan_epochs=...)``)."""
+             log) -> tuple[TrainConfig, Trainer | None]:
+    """``config`` with the epochs that fit its time budget (see ``run_qm9(plan_epochs=...)``),
+    and the trial trainer that timed them, whose compiled steps the run reuses (or None)."""
     import jax
 
     from mpattn.train.checkpoint import Checkpointer, read_meta
@@ -101,18 +102,19 @@ def _planned(config: TrainConfig, data, workdir: Path, model_config, *, resume: 
         steps = Checkpointer(workdir / "checkpoints").listing("latest")[0]
         epochs = int(read_meta(workdir / "checkpoints", steps[::-1])["config"]["epochs"])
         log(f"resuming the run's plan of {epochs} epochs")
-        return dataclasses.replace(config, epochs=epochs)
+        return dataclasses.replace(config, epochs=epochs), None
     if jax.process_count() > 1:  # a throwaway trainer per process would need a shared folder
         log(f"{config.epochs} epochs (not planned from the budget in a multi-process run)")
-        return config
+        return config, None
     log(f"timing an epoch to plan the epochs of the {config.time_budget_min:g} min budget")
+    trial: list = []
     epochs = calibrate_epochs(
         lambda c, folder: Trainer(c, data, folder, model_config=model_config,
                                   log=lambda _msg: None),
-        config, config.time_budget_min, epochs=1)
+        config, config.time_budget_min, epochs=1, trial_out=trial)
     log(f"{epochs} epochs fit the {config.time_budget_min:g} min budget (the "
-        f"{config.schedule} schedule spans them)")
-    return dataclasses.replace(config, epochs=epochs)
+        f"{config.schedule} schedule spans them; the run reuses the compiled steps)")
+    return dataclasses.replace(config, epochs=epochs), trial[0]
 
 
 def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=None,
@@ -164,9 +166,12 @@ def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=
     preset_models = PRESETS[preset].models if preset in PRESETS else {}
     model_config = default_config(config.model, **{**preset_models.get(config.model, {}),
                                                    **(model_overrides or {})})
+    trial = None
     if plan_epochs and config.time_budget_min:
-        config = _planned(config, data, workdir, model_config, resume=resume, log=log)
-    trainer = Trainer(config, data, workdir, model_config=model_config, log=log)
+        config, trial = _planned(config, data, workdir, model_config, resume=resume, log=log)
+    trainer = Trainer(config, data, workdir, model_config=model_config, log=log,
+                      compiled_from=trial)
+    del trial
     if resume:
         trainer.restore("latest")
         log(f"resumed at epoch {trainer.epoch} (step {int(trainer.carry['step'])})")

@@ -402,7 +402,8 @@ class EpochLoop:
             w.writerows(self.history)
 
 
-def calibrate_epochs(make_trainer, config, minutes: float, *, epochs: int = 3) -> int:
+def calibrate_epochs(make_trainer, config, minutes: float, *, epochs: int = 3,
+                     trial_out: list | None = None) -> int:
     """Epochs that fit ``minutes`` of training, timed on the whole epoch loop.
 
     ``make_trainer(config, workdir)`` builds a throwaway trainer (:class:`Trainer`,
@@ -414,6 +415,10 @@ def calibrate_epochs(make_trainer, config, minutes: float, *, epochs: int = 3) -
     ``config.checkpoint_every_s`` (every epoch if 0). The real run compiles again: the first
     epoch's extra time is reserved for that. A schedule whose length is the number of epochs
     (cosine) then ends with the time budget instead of being cut by it.
+
+    With ``trial_out`` (a list) the trial trainer is appended to it and no compile is
+    reserved: the caller builds the real run on the trial's compiled steps
+    (``Trainer(..., compiled_from=trial)``).
     """
     with tempfile.TemporaryDirectory(prefix="mpattn-calibrate-") as tmp:
         trial = make_trainer(dataclasses.replace(config, epochs=1, time_budget_min=None,
@@ -426,10 +431,12 @@ def calibrate_epochs(make_trainer, config, minutes: float, *, epochs: int = 3) -
         trial.fit(progress=False)
         loop_s = (time.perf_counter() - t0) / epochs  # an epoch and its save
         row_s = float(np.mean([r["seconds"] for r in trial.history[1:]]))  # the epoch alone
+    if trial_out is not None:
+        trial_out.append(trial)
     save_s = max(loop_s - row_s, 0.0)
     every = config.checkpoint_every_s
     saves_per_epoch = 1.0 if every <= 0 else min(1.0, row_s / every)
-    compile_s = max(first_s - loop_s, 0.0)
+    compile_s = 0.0 if trial_out is not None else max(first_s - loop_s, 0.0)
     # no safety margin: if the epochs run slower than timed, the budget drops the schedule's
     # last epoch, whose learning rate is near zero anyway, while a margin wastes whole epochs
     # (a 0.9 margin left 126 of 600 s unused on QM9: 9 epochs, 64.9 meV, against 57.3 with
@@ -447,10 +454,16 @@ class Trainer(EpochLoop):
         workdir: output folder (created).
         model_config: the model's typed config (default: its registry default).
         log: where one-line messages go.
+        compiled_from: a trainer of the same data, model and settings but for the run's
+            length, budget and checkpointing (e.g. the trial that planned the epochs, see
+            :func:`calibrate_epochs`): its compiled steps are reused, nothing is compiled
+            again. The cosine schedule's length is in the optimizer state, not in the
+            compiled step (:func:`~mpattn.train.schedules.scale_by_warmup_cosine`).
     """
 
     def __init__(self, config: TrainConfig, data: Prepared, workdir: str | Path, *,
-                 model_config=None, log: Callable[[str], None] = print):
+                 model_config=None, log: Callable[[str], None] = print,
+                 compiled_from: Trainer | None = None):
         self.config, self.data = config, data
         self.log = log if is_primary() else (lambda _msg: None)
         self.workdir = Path(workdir)
@@ -477,6 +490,9 @@ class Trainer(EpochLoop):
         self.checkpoints = Checkpointer(self.workdir / "checkpoints",
                                         max_to_keep=config.keep_checkpoints)
         self.mesh = data_mesh(config.num_devices)
+        if compiled_from is not None:
+            self._reuse_steps(compiled_from)
+            return
         # the steps take and return the carry's flat leaves (self.leaves)
         self.train_step = make_train_step(self.graphdef, self.optimizer, config,
                                           treedef=self.carry_def)
@@ -485,6 +501,24 @@ class Trainer(EpochLoop):
                                             treedef=self.carry_def)
                             if config.steps_per_call > 1 else None)
         self.predict_step = jax.jit(self._predict)
+
+    def _reuse_steps(self, other: Trainer) -> None:
+        def same_steps(c: TrainConfig) -> TrainConfig:  # the fields no compiled step reads
+            return dataclasses.replace(c, epochs=1, time_budget_min=None,
+                                       checkpoint_every_s=0.0, keep_checkpoints=1)
+
+        differ = [what for what, same in (
+            ("settings", same_steps(self.config) == same_steps(other.config)),
+            ("model config", self.model_config == other.model_config),
+            ("data", self.data is other.data),
+            ("batches per epoch", self.steps_per_epoch == other.steps_per_epoch),
+            ("training state structure", self.carry_def == other.carry_def),
+            ("devices", self.mesh == other.mesh)) if not same]
+        if differ:
+            raise ValueError(f"compiled_from: that trainer differs in {', '.join(differ)}; "
+                             "its compiled steps do not fit this run")
+        self.train_step, self.train_steps = other.train_step, other.train_steps
+        self.predict_step = other.predict_step
 
     # ------------------------------------------------------------------ steps
 

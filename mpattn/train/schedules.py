@@ -15,8 +15,12 @@ training loss keeps the whole optimiser inside the jitted, pure train step and i
 ``opt_state`` (so it is checkpointed and resumes exactly); the validation MAE drives the
 choice of the best checkpoint instead.
 
-Adam runs under ``optax.inject_hyperparams``, so the learning rate of the latest update lives
-in ``opt_state`` and :func:`current_lr` reads it (times the plateau scale) for logging.
+With the ``"cosine"`` schedule the schedule's numbers (length, warmup, peak and final rate)
+live in ``opt_state`` (:func:`scale_by_warmup_cosine`), not in the compiled code: a train step
+compiled for one run length serves any other, which lets a run plan its epochs on a trial
+trainer and reuse the trial's compiled steps. The other schedules run Adam under
+``optax.inject_hyperparams``, so the learning rate of the latest update lives in ``opt_state``;
+:func:`current_lr` reads either (times the plateau scale) for logging.
 
 EMA: :func:`ema_init` / :func:`ema_update` keep an exponential moving average of the
 parameters (``optax.ema`` averages *updates* and is meant to sit inside a chain, not to hold
@@ -25,7 +29,7 @@ a copy of the weights; the loop evaluates with the EMA copy when asked to).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,13 +39,16 @@ from optax.contrib import ReduceLROnPlateauState
 
 __all__ = [
     "SCHEDULES",
+    "CosineState",
     "current_lr",
     "ema_init",
     "ema_update",
     "make_optimizer",
     "make_schedule",
+    "scale_by_warmup_cosine",
     "step_decay",
     "warmup_cosine",
+    "warmup_cosine_value",
 ]
 
 SCHEDULES: tuple[str, ...] = ("step", "cosine", "plateau", "constant")
@@ -76,11 +83,74 @@ def warmup_cosine(lr: float, *, steps_per_epoch: int, epochs: int, warmup_epochs
     The cosine ends at step ``epochs · steps_per_epoch`` and stays at ``final_lr`` after it.
     The warmup is shortened to at most half the run when the run is short.
     """
-    spe = _positive("steps_per_epoch", steps_per_epoch)
-    total = _positive("epochs", epochs) * spe
-    warmup = min(int(round(warmup_epochs * spe)), total // 2)
+    total, warmup = _warmup_steps(steps_per_epoch, epochs, warmup_epochs)
     return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=lr, warmup_steps=warmup,
                                               decay_steps=total, end_value=final_lr)
+
+
+def _warmup_steps(steps_per_epoch: int, epochs: int, warmup_epochs: float) -> tuple[int, int]:
+    spe = _positive("steps_per_epoch", steps_per_epoch)
+    total = _positive("epochs", epochs) * spe
+    return total, min(int(round(warmup_epochs * spe)), total // 2)
+
+
+def warmup_cosine_value(count, total_steps, warmup_steps, peak, final):
+    """:func:`warmup_cosine`'s rate at update ``count`` with every number an argument (jnp;
+    any of them may be traced): ``peak · count / W`` during the warmup, then
+    ``peak · [(1 - a) · ½(1 + cos(π · min(count - W, T - W) / (T - W))) + a]``, ``a = final /
+    peak``, ``T = total_steps``, ``W = warmup_steps`` (``W <= T // 2``), as optax's
+    ``warmup_cosine_decay_schedule``."""
+    count = jnp.asarray(count, jnp.float32)
+    total = jnp.asarray(total_steps, jnp.float32)
+    warm = jnp.asarray(warmup_steps, jnp.float32)
+    peak = jnp.asarray(peak, jnp.float32)
+    alpha = jnp.where(peak == 0, 0.0, jnp.asarray(final, jnp.float32) / peak)
+    span = jnp.maximum(total - warm, 1.0)
+    t = jnp.clip(count - warm, 0.0, span)
+    cosine = peak * ((1 - alpha) * 0.5 * (1 + jnp.cos(jnp.pi * t / span)) + alpha)
+    # the warmup as optax's linear_schedule computes it, from 0 to peak: bit for bit the same
+    linear = -peak * (1 - jnp.minimum(count, warm) / jnp.maximum(warm, 1.0)) + peak
+    return jnp.where(count < warm, linear, cosine)
+
+
+class CosineState(NamedTuple):
+    """State of :func:`scale_by_warmup_cosine`: the update count and the schedule's numbers,
+    held as arrays so that they are inputs of a compiled step, not constants in it."""
+
+    count: jax.Array  # int32 updates so far
+    total_steps: jax.Array  # int32
+    warmup_steps: jax.Array  # int32
+    peak: jax.Array  # float32
+    final: jax.Array  # float32
+
+    def rate(self, count=None):
+        """The learning rate of update ``count`` (default: the latest, or the first)."""
+        c = jnp.maximum(self.count - 1, 0) if count is None else count
+        return warmup_cosine_value(c, self.total_steps, self.warmup_steps, self.peak, self.final)
+
+
+def scale_by_warmup_cosine(lr: float, *, total_steps: int, warmup_steps: int,
+                           final_lr: float = 1e-6) -> optax.GradientTransformation:
+    """``updates · -rate(count)`` with the rate of :func:`warmup_cosine`, its numbers in the
+    state (:class:`CosineState`): ``optax.scale_by_learning_rate`` of a schedule whose length
+    can change without recompiling the step that applies it."""
+    if not 0 <= warmup_steps <= total_steps // 2 or total_steps < 1:
+        raise ValueError(f"need 0 <= warmup_steps <= total_steps // 2 and total_steps >= 1, "
+                         f"got {warmup_steps}, {total_steps}")
+
+    def init(params):
+        del params
+        return CosineState(jnp.zeros([], jnp.int32), jnp.asarray(total_steps, jnp.int32),
+                           jnp.asarray(warmup_steps, jnp.int32), jnp.asarray(lr, jnp.float32),
+                           jnp.asarray(final_lr, jnp.float32))
+
+    def update(updates, state, params=None):
+        del params
+        rate = state.rate(state.count)
+        updates = jax.tree.map(lambda u: (-rate).astype(u.dtype) * u, updates)
+        return updates, state._replace(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
 
 
 def make_schedule(lr: float, schedule: str, *, steps_per_epoch: int, epochs: int = 1,
@@ -139,11 +209,19 @@ def make_optimizer(lr: float, *, schedule: str = "step", steps_per_epoch: int, e
         parts.append(optax.clip_by_global_norm(clip_norm))
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    if weight_decay:
+    decay_mask = lambda params: jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)  # noqa: E731
+    if schedule == "cosine":  # the schedule's numbers in the state (see the module docstring)
+        total, warmup = _warmup_steps(steps_per_epoch, epochs, warmup_epochs)
+        parts += [optax.scale_by_adam(b1=b1, b2=b2, eps=eps)]
+        if weight_decay:  # optax.adamw's order: decay after Adam's scaling, before the rate
+            parts += [optax.add_decayed_weights(weight_decay, mask=decay_mask)]
+        parts += [scale_by_warmup_cosine(lr, total_steps=total, warmup_steps=warmup,
+                                         final_lr=final_lr)]
+    elif weight_decay:
         # static: inject_hyperparams would call a callable mask as a schedule of the step
         parts.append(optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
             learning_rate=sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-            mask=lambda params: jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)))
+            mask=decay_mask))
     else:
         parts.append(optax.inject_hyperparams(optax.adam)(learning_rate=sched, b1=b1, b2=b2,
                                                           eps=eps))
@@ -169,10 +247,15 @@ def current_lr(opt_state_or_schedule: Any, step: int | None = None) -> float:
         if step is None:
             raise ValueError("current_lr: a schedule needs a step")
         return float(opt_state_or_schedule(step))
-    found = [v for _, v in otu.tree_get_all_with_path(opt_state_or_schedule, "learning_rate")
-             if hasattr(v, "dtype")]
+    cosine = [s for s in jax.tree.leaves(
+        opt_state_or_schedule, is_leaf=lambda x: isinstance(x, CosineState))
+        if isinstance(s, CosineState)]
+    found = [s.rate() for s in cosine] or [
+        v for _, v in otu.tree_get_all_with_path(opt_state_or_schedule, "learning_rate")
+        if hasattr(v, "dtype")]
     if len(found) != 1:
-        raise ValueError("current_lr: no single injected learning_rate in this optimizer state")
+        raise ValueError("current_lr: no single injected learning_rate or cosine schedule in "
+                         "this optimizer state")
     # the plateau scale; a key search for "scale" would also hit LayerNorm parameters held
     # in Adam's moments, so look for the reduce-on-plateau state itself
     plateau = [s for s in jax.tree.leaves(

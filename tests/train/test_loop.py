@@ -4,6 +4,7 @@ SIGKILL, divergence handling and the command line's errors."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -213,7 +214,8 @@ def test_time_budgeted_run_plans_its_epochs_and_resume_keeps_the_plan(cache_file
     work = tmp_path / "run"
     results = _run(cache_file, work, epochs=500, time_budget_min=0.1, plan_epochs=True)
     (config, minutes, kw), planned = calls
-    assert minutes == 0.1 and kw == {"epochs": 1} and config.epochs == 500
+    assert minutes == 0.1 and kw["epochs"] == 1 and config.epochs == 500
+    assert len(kw["trial_out"]) == 1  # the trial whose compiled steps the run reused
     assert 1 <= planned < 500 and results["config"]["epochs"] == planned
     assert 1 <= results["epochs"] <= planned
     rows = list(csv.DictReader((work / "metrics.csv").open()))
@@ -231,6 +233,45 @@ def test_time_budgeted_run_plans_its_epochs_and_resume_keeps_the_plan(cache_file
     resumed = _run(cache_file, work, epochs=500, time_budget_min=0.1, plan_epochs=True,
                    resume=True)
     assert resumed["config"]["epochs"] == planned
+
+
+def test_a_run_reuses_its_trials_compiled_steps_and_trains_as_a_fresh_one(qm9_molset,
+                                                                           tmp_path):
+    """``Trainer(compiled_from=trial)``: the cosine's length is optimizer state, so a trial
+    compiled for 1 epoch serves a 3-epoch run, which compiles nothing and matches a trainer
+    built from scratch (losses, validation MAE, learning rate)."""
+    from mpattn.models import default_config
+
+    split = make_split(qm9_molset.ids, sizes=SIZES, seed=1)
+    cfg = _config(epochs=3)
+    data = prepare(qm9_molset, split, cfg)
+    mc = default_config("schnet", **TINY)
+    quiet = lambda *_: None  # noqa: E731
+    trial = Trainer(dataclasses.replace(cfg, epochs=1, time_budget_min=None), data,
+                    tmp_path / "trial", model_config=mc, log=quiet)
+    trial.fit(progress=False)
+    compiled = trial.train_step._cache_size(), trial.predict_step._cache_size()
+    run = Trainer(cfg, data, tmp_path / "run", model_config=mc, log=quiet,
+                  compiled_from=trial)
+    assert run.train_step is trial.train_step and run.epoch == 0
+    run.fit(progress=False)
+    # only batch shapes the trial's one epoch did not meet compile (a fresh carry would
+    # have compiled every shape again)
+    shapes = {(b.nodes["z"].shape[0], b.senders.shape[0]) for e in range(3)
+              for b in run.loader.epoch(e)}
+    seen = {(b.nodes["z"].shape[0], b.senders.shape[0]) for b in trial.loader.epoch(0)}
+    assert compiled[0] == len(seen) and seen < shapes  # the run meets a new shape
+    assert (run.train_step._cache_size(), run.predict_step._cache_size()) == (
+        len(shapes), compiled[1])
+    fresh = Trainer(cfg, data, tmp_path / "fresh", model_config=mc, log=quiet)
+    fresh.fit(progress=False)
+    for a, b in zip(run.history, fresh.history, strict=True):
+        for key in ("train_loss", "val_mae", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    assert run.history[-1]["lr"] < 1e-4  # the 3-epoch cosine has run its course
+    with pytest.raises(ValueError, match="differs in settings; its compiled steps do not"):
+        Trainer(dataclasses.replace(cfg, lr=5e-4), data, tmp_path / "other", model_config=mc,
+                log=quiet, compiled_from=trial)
 
 
 def test_command_line_plans_epochs_only_without_epochs(monkeypatch, tmp_path):

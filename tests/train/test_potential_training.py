@@ -194,6 +194,10 @@ def test_calibrate_epochs_times_whole_epochs_in_a_throwaway_folder(tmp_path):
     # a save per second of epochs: 2.65 / (0.1 + 0.1 * 0.05) = 25.2
     every = dataclasses.replace(config, checkpoint_every_s=1.0)
     assert 23 <= calibrate_epochs(Sleepy, every, 0.05) <= 25
+    # the run reuses the trial's compiled steps: no compile to reserve, (3 - 0.05) / 0.15
+    trials: list = []
+    assert 18 <= calibrate_epochs(Sleepy, config, 0.05, trial_out=trials) <= 21
+    assert trials == built[-1:]
 
 
 def test_weight_decay_shrinks_the_potentials_weight_matrices(frames, tmp_path):

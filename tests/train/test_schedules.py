@@ -19,6 +19,7 @@ from mpattn.train.schedules import (
     make_optimizer,
     step_decay,
     warmup_cosine,
+    warmup_cosine_value,
 )
 
 SPE = 10
@@ -44,6 +45,62 @@ def test_warmup_cosine_hand_computed():
             final, final]
     got = [float(s(t)) for t in (0, SPE // 2, SPE, mid, 20 * SPE, 10**5)]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize(("spe", "epochs", "warmup_epochs"), [(SPE, 20, 1), (7, 3, 0.5),
+                                                                (4, 1, 1), (3, 2, 0)])
+def test_cosine_with_its_numbers_as_arguments_equals_optax(spe, epochs, warmup_epochs):
+    lr, final = 2e-3, 1e-6
+    s = warmup_cosine(lr, steps_per_epoch=spe, epochs=epochs, warmup_epochs=warmup_epochs,
+                      final_lr=final)
+    total = spe * epochs
+    warm = min(round(warmup_epochs * spe), total // 2)
+    counts = sorted({0, 1, max(warm - 1, 0), warm, warm + 1, total // 2, total - 1, total,
+                     total + 9})
+    got = [float(warmup_cosine_value(c, total, warm, lr, final)) for c in counts]
+    np.testing.assert_allclose(got, [float(s(c)) for c in counts], rtol=2e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_cosine_optimizer_equals_optax_adam_with_the_schedule(weight_decay):
+    """The cosine schedule's numbers moved into the state: bit for bit the updates of optax's
+    Adam/AdamW with the schedule. (Under inject_hyperparams, as before, Adam's b1, b2, eps
+    are float32 arrays and the losses differ from these by ~5e-6 after 25 steps.)"""
+    f, p0 = _quadratic()
+    p0 = {"w": p0["w"], "m": jnp.array([[0.5, -1.0], [2.0, 0.1]])}
+    loss = lambda p: f({"w": p["w"]}) + jnp.sum(p["m"] ** 2)  # noqa: E731
+    sched = warmup_cosine(0.05, steps_per_epoch=4, epochs=5, warmup_epochs=1)
+    mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)  # noqa: E731
+    ref = optax.chain(optax.clip_by_global_norm(10.0), optax.adamw(
+        learning_rate=sched, weight_decay=weight_decay, mask=mask) if weight_decay else
+        optax.adam(learning_rate=sched))
+    ours = make_optimizer(0.05, schedule="cosine", steps_per_epoch=4, epochs=5,
+                          weight_decay=weight_decay)
+    p_ref, _, l_ref = _run(ref, loss, p0, 25)
+    p_ours, state, l_ours = _run(ours, loss, p0, 25)
+    np.testing.assert_array_equal(l_ours, l_ref)
+    for k in p0:
+        np.testing.assert_array_equal(p_ours[k], p_ref[k])
+    assert current_lr(state) == pytest.approx(float(sched(24)), rel=1e-6)  # the 25th update's
+
+
+def test_one_compiled_cosine_update_serves_every_run_length():
+    """A trial trainer's compiled step is reused by the run it planned (other epochs)."""
+    params = {"w": jnp.ones(3)}
+    g = {"w": jnp.full(3, 0.5)}
+    update = jax.jit(lambda s: make_optimizer(1e-2, schedule="cosine", steps_per_epoch=10,
+                                              epochs=1).update(g, s, params))
+    rates = []
+    for epochs in (2, 7):
+        state = make_optimizer(1e-2, schedule="cosine", steps_per_epoch=10,
+                               epochs=epochs).init(params)
+        for _ in range(16):  # 10 warmup steps, then 6 of the cosine
+            _, state = update(state)
+        rates.append(current_lr(state))
+    assert update._cache_size() == 1
+    want = [float(warmup_cosine(1e-2, steps_per_epoch=10, epochs=e)(15)) for e in (2, 7)]
+    np.testing.assert_allclose(rates, want, rtol=1e-6)
+    assert rates[0] < rates[1]  # the shorter run's cosine has fallen further
 
 
 def _quadratic():
