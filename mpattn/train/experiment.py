@@ -102,7 +102,7 @@ def _planned(config: TrainConfig, data, workdir: Path, model_config, *, resume: 
         steps = Checkpointer(workdir / "checkpoints").listing("latest")[0]
         epochs = int(read_meta(workdir / "checkpoints", steps[::-1])["config"]["epochs"])
         log(f"resuming the run's plan of {epochs} epochs")
-        return dataclasses.replace(config, epochs=epochs), None
+        return dataclasses.replace(config, epochs=epochs, replan=True), None
     if jax.process_count() > 1:  # a throwaway trainer per process would need a shared folder
         log(f"{config.epochs} epochs (not planned from the budget in a multi-process run)")
         return config, None
@@ -114,7 +114,7 @@ def _planned(config: TrainConfig, data, workdir: Path, model_config, *, resume: 
         config, config.time_budget_min, epochs=1, trial_out=trial)
     log(f"{epochs} epochs fit the {config.time_budget_min:g} min budget (the "
         f"{config.schedule} schedule spans them; the run reuses the compiled steps)")
-    return dataclasses.replace(config, epochs=epochs), trial[0]
+    return dataclasses.replace(config, epochs=epochs, replan=True), trial[0]
 
 
 def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=None,
@@ -136,7 +136,9 @@ def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=
         plan_epochs: with a time budget, replace ``config.epochs`` by the epochs that fit it,
             timed on a throwaway trainer (:func:`~mpattn.train.loop.calibrate_epochs`: a
             compiling epoch and a timed one), so that the schedule ends with the budget
-            instead of being cut by it; with ``resume``, the epochs the run planned.
+            instead of being cut by it; the run reuses the trial's compiled steps and
+            re-fits the plan to its own pace during its first half (``TrainConfig.replan``);
+            with ``resume``, the epochs the run planned.
     """
     from mpattn.data.cache import load_molset
     from mpattn.data.qm9 import load_qm9, load_split, make_split, save_split
@@ -178,6 +180,7 @@ def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=
     log(f"model {config.model}: {trainer.num_params:,} parameters; "
         f"{trainer.steps_per_epoch} batches per epoch; device {_device()}")
     history = trainer.fit(progress=progress)
+    config = trainer.config  # with the epochs re-planned during the run (config.replan)
     if trainer.checkpoints.best_step() is not None:
         trainer.restore("best")
     val, test = trainer.report(data.val), trainer.report(data.test)

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -216,14 +217,16 @@ def test_time_budgeted_run_plans_its_epochs_and_resume_keeps_the_plan(cache_file
     (config, minutes, kw), planned = calls
     assert minutes == 0.1 and kw["epochs"] == 1 and config.epochs == 500
     assert len(kw["trial_out"]) == 1  # the trial whose compiled steps the run reused
-    assert 1 <= planned < 500 and results["config"]["epochs"] == planned
-    assert 1 <= results["epochs"] <= planned
+    # the run re-fits the plan to its own pace in its first half (TrainConfig.replan)
+    final = results["config"]["epochs"]
+    assert 1 <= planned < 500 and 1 <= final < 500 and results["config"]["replan"]
+    assert 1 <= results["epochs"] <= final
     rows = list(csv.DictReader((work / "metrics.csv").open()))
-    # the schedule spans the planned epochs: the lr falls as a cosine over them
+    # the schedule spans the (re-)planned epochs: the lr falls as a cosine over them
     from mpattn.train.schedules import make_schedule
 
     steps = int(rows[-1]["step"])
-    sched = make_schedule(1e-3, "cosine", steps_per_epoch=steps // len(rows), epochs=planned)
+    sched = make_schedule(1e-3, "cosine", steps_per_epoch=steps // len(rows), epochs=final)
     assert float(rows[-1]["lr"]) == pytest.approx(float(sched(steps - 1)), rel=1e-4)
 
     def no_timing(*_a, **_k):
@@ -232,7 +235,7 @@ def test_time_budgeted_run_plans_its_epochs_and_resume_keeps_the_plan(cache_file
     monkeypatch.setattr(experiment, "calibrate_epochs", no_timing)
     resumed = _run(cache_file, work, epochs=500, time_budget_min=0.1, plan_epochs=True,
                    resume=True)
-    assert resumed["config"]["epochs"] == planned
+    assert resumed["config"]["epochs"] == final
 
 
 def test_a_run_reuses_its_trials_compiled_steps_and_trains_as_a_fresh_one(qm9_molset,
@@ -272,6 +275,58 @@ def test_a_run_reuses_its_trials_compiled_steps_and_trains_as_a_fresh_one(qm9_mo
     with pytest.raises(ValueError, match="differs in settings; its compiled steps do not"):
         Trainer(dataclasses.replace(cfg, lr=5e-4), data, tmp_path / "other", model_config=mc,
                 log=quiet, compiled_from=trial)
+
+
+def test_replan_fits_the_cosine_to_the_pace_the_run_gets(qm9_molset, tmp_path, monkeypatch):
+    """``TrainConfig.replan``: on a clock where every epoch takes exactly 1 s, a plan of 20
+    epochs in a 6-s budget is re-fitted after the second epoch to the 4 more that fit (and
+    the cosine's length in the optimizer state with it); without ``replan`` the plan stays
+    and the budget cuts the schedule."""
+    from mpattn.models import default_config
+    from mpattn.train import loop
+    from mpattn.train.schedules import CosineState
+
+    class Clock:  # the loop's time: 1 s per epoch, nothing else counts
+        now = 0.0
+
+        @staticmethod
+        def perf_counter():
+            return Clock.now
+
+    monkeypatch.setattr(loop, "time", Clock)
+    split = make_split(qm9_molset.ids, sizes=SIZES, seed=1)
+    cfg = _config(epochs=20, time_budget_min=0.1, replan=True)
+    data = prepare(qm9_molset, split, cfg)
+    mc = default_config("schnet", **TINY)
+    runs = {}
+    for replan in (True, False):
+        said = []
+        t = Trainer(dataclasses.replace(cfg, replan=replan), data, tmp_path / str(replan),
+                    model_config=mc, log=said.append)
+        run_epoch = t._run_epoch
+
+        def one_second(epoch, run_epoch=run_epoch):
+            Clock.now += 1.0
+            return run_epoch(epoch)
+
+        t._run_epoch = one_second
+        t.fit(progress=False)
+        runs[replan] = t, said
+    t, said = runs[True]
+    assert t.config.epochs == 6 and len(t.history) == 6
+    assert said.count("re-planned: 6 epochs fit the budget at 1.0 s per epoch (was 20)") == 1
+    (state,) = [x for x in jax.tree.leaves(t.carry["opt"],
+                                           is_leaf=lambda x: isinstance(x, CosineState))
+                if isinstance(x, CosineState)]
+    assert int(state.total_steps) == 6 * t.steps_per_epoch
+    assert t.history[-1]["lr"] < 2e-5  # the 6-epoch cosine ran its course
+    kept, said = runs[False]
+    assert kept.config.epochs == 20 and not any("re-planned" in m for m in said)
+    assert len(kept.history) == 6 and kept.history[-1]["lr"] > 5e-4  # cut by the budget
+    # a schedule without a length in the state is left alone
+    step = Trainer(_config(schedule="step"), data, tmp_path / "step", model_config=mc,
+                   log=lambda *_: None)
+    assert not step._set_schedule_length(5)
 
 
 def test_command_line_plans_epochs_only_without_epochs(monkeypatch, tmp_path):
