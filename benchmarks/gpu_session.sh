@@ -27,7 +27,7 @@
 #            results are copied to benchmarks/results/                   (about 10 min)
 #   sweep    benchmarks.sweep: several experiments.qm9_u0 runs of the accuracy stage's setup
 #            at once on the one GPU ($SWEEP names them, default vec64 vec128 vec64-wd
-#            vec64-b32; `python -m benchmarks.sweep --list`), $MINUTES (default 7) minutes of
+#            vec64-b32; `python -m benchmarks.sweep --list`), $MINUTES (default 6.5) minutes of
 #            training each, and their ensemble; each run's folder and the sweep's JSON land in
 #            benchmarks/results/ (TAG names a second sweep of the same day) (about 9.5 min)
 #
@@ -143,9 +143,10 @@ long)
     ;;
 sweep)
     # each run: ~10 s to load, a compiling and a timed epoch to plan, then its budget (which
-    # holds the real run's compile), ~10 s of test evaluation and plots: 7 min fit 570 s
+    # holds no compile: the run reuses the trial's), ~10 s of test evaluation and plots;
+    # 6.5 min leave ~180 s of the 570 for that, with four processes compiling at once
     # shellcheck disable=SC2086  # SWEEP is split into variant names on purpose
-    step 570 "$py" -m benchmarks.sweep --dataset-cache "$cache" --minutes "${MINUTES:-7}" \
+    step 570 "$py" -m benchmarks.sweep --dataset-cache "$cache" --minutes "${MINUTES:-6.5}" \
         --batch-size "$batch" --steps-per-call "$steps" ${SWEEP:+--variants $SWEEP} \
         ${TAG:+--tag "$TAG"} "${sweep[@]}"
     ;;
