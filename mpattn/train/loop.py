@@ -349,6 +349,31 @@ class EpochLoop:
     """
 
     score_key = "val_mae"
+    #: the jit-compiled steps a trainer built with ``compiled_from`` takes over
+    compiled_steps: tuple[str, ...] = ()
+
+    def _reuse_steps(self, other: EpochLoop) -> None:
+        """Take over ``other``'s compiled steps (:attr:`compiled_steps`) if nothing they read
+        differs: settings but for the run's length, budget and checkpointing, the model
+        config, the data, the batches per epoch, the carry's structure and the devices."""
+        def same_steps(c):  # the fields no compiled step reads
+            drop = {"epochs": 1, "time_budget_min": None, "replan": False,
+                    "checkpoint_every_s": 0.0, "keep_checkpoints": 1}
+            return dataclasses.replace(c, **{k: v for k, v in drop.items() if hasattr(c, k)})
+
+        differ = [what for what, same in (
+            ("settings", same_steps(self.config) == same_steps(other.config)),
+            ("model config", self.model_config == other.model_config),
+            ("data", self.data is other.data),
+            ("batches per epoch", self.steps_per_epoch == other.steps_per_epoch),
+            ("training state structure", self.carry_def == other.carry_def),
+            ("devices", getattr(self, "mesh", None) == getattr(other, "mesh", None)))
+            if not same]
+        if differ:
+            raise ValueError(f"compiled_from: that trainer differs in {', '.join(differ)}; "
+                             "its compiled steps do not fit this run")
+        for name in self.compiled_steps:
+            setattr(self, name, getattr(other, name))
 
     @property
     def carry(self) -> dict:
@@ -517,6 +542,8 @@ class Trainer(EpochLoop):
             compiled step (:func:`~mpattn.train.schedules.scale_by_warmup_cosine`).
     """
 
+    compiled_steps = ("train_step", "train_steps", "predict_step")
+
     def __init__(self, config: TrainConfig, data: Prepared, workdir: str | Path, *,
                  model_config=None, log: Callable[[str], None] = print,
                  compiled_from: Trainer | None = None):
@@ -557,24 +584,6 @@ class Trainer(EpochLoop):
                                             treedef=self.carry_def)
                             if config.steps_per_call > 1 else None)
         self.predict_step = jax.jit(self._predict)
-
-    def _reuse_steps(self, other: Trainer) -> None:
-        def same_steps(c: TrainConfig) -> TrainConfig:  # the fields no compiled step reads
-            return dataclasses.replace(c, epochs=1, time_budget_min=None, replan=False,
-                                       checkpoint_every_s=0.0, keep_checkpoints=1)
-
-        differ = [what for what, same in (
-            ("settings", same_steps(self.config) == same_steps(other.config)),
-            ("model config", self.model_config == other.model_config),
-            ("data", self.data is other.data),
-            ("batches per epoch", self.steps_per_epoch == other.steps_per_epoch),
-            ("training state structure", self.carry_def == other.carry_def),
-            ("devices", self.mesh == other.mesh)) if not same]
-        if differ:
-            raise ValueError(f"compiled_from: that trainer differs in {', '.join(differ)}; "
-                             "its compiled steps do not fit this run")
-        self.train_step, self.train_steps = other.train_step, other.train_steps
-        self.predict_step = other.predict_step
 
     # ------------------------------------------------------------------ steps
 

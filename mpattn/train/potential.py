@@ -278,12 +278,17 @@ class PotentialTrainer(EpochLoop):
         model_config: the model's typed config (default: its registry default at
             ``config.cutoff``); its cutoff must equal ``config.cutoff``.
         log: where one-line messages go.
+        compiled_from: a trainer of the same frames, model and settings but for the run's
+            length, budget and checkpointing (e.g. the trial that planned the epochs): its
+            compiled steps are reused (see :class:`~mpattn.train.loop.Trainer`).
     """
 
     score_key = "val_force_mae_mev_ang"  # the best checkpoint: lowest val force MAE
+    compiled_steps = ("train_step", "eval_step")
 
     def __init__(self, config: PotentialConfig, prepared: PreparedFrames, workdir, *,
-                 model_config=None, log: Callable[[str], None] = print):
+                 model_config=None, log: Callable[[str], None] = print,
+                 compiled_from: PotentialTrainer | None = None):
         if config.x64 and not jax.config.jax_enable_x64:
             raise ValueError("x64=True needs jax.config.update('jax_enable_x64', True) first")
         if not math.isclose(prepared.cutoff, config.cutoff):
@@ -306,6 +311,9 @@ class PotentialTrainer(EpochLoop):
         self.history: list[dict] = []
         self.checkpoints = Checkpointer(self.workdir / "checkpoints",
                                         max_to_keep=config.keep_checkpoints)
+        if compiled_from is not None:
+            self._reuse_steps(compiled_from)
+            return
         self.train_step = _make_step(self.graphdef, self.optimizer, config,
                                      treedef=self.carry_def)
         graphdef = self.graphdef

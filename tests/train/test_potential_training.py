@@ -162,6 +162,28 @@ def test_restore_latest_continues_exactly(frames, tmp_path):
                                straight.report("test")["force_mae_mev_ang"], rtol=1e-5)
 
 
+def test_a_potential_run_reuses_its_trials_compiled_steps(frames, trained, tmp_path):
+    """``PotentialTrainer(compiled_from=trial)``: a 6-epoch run on the steps of a trial
+    compiled for 1 epoch compiles nothing new and trains as the fresh 6-epoch trainer."""
+    prepared, mc = trained.data, trained.model_config
+    trial = PotentialTrainer(dataclasses.replace(trained.config, epochs=1), prepared,
+                             tmp_path / "trial", model_config=mc, log=lambda *_: None)
+    trial.fit(progress=False)
+    compiled = trial.train_step._cache_size(), trial.eval_step._cache_size()
+    run = PotentialTrainer(trained.config, prepared, tmp_path / "run", model_config=mc,
+                           log=lambda *_: None, compiled_from=trial)
+    assert run.train_step is trial.train_step and run.eval_step is trial.eval_step
+    run.fit(progress=False)
+    assert (run.train_step._cache_size(), run.eval_step._cache_size()) == compiled
+    for a, b in zip(run.history, trained.history, strict=True):
+        for key in ("train_loss", "val_force_mae_mev_ang", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    with pytest.raises(ValueError, match="differs in settings"):
+        PotentialTrainer(dataclasses.replace(trained.config, beta=0.5), prepared,
+                         tmp_path / "other", model_config=mc, log=lambda *_: None,
+                         compiled_from=trial)
+
+
 def test_calibrate_epochs_times_whole_epochs_in_a_throwaway_folder(tmp_path):
     """The epoch estimate comes from ``fit`` itself (steps, validation, checkpoint), in a
     temporary folder; a synthetic trainer whose epochs and saves take known times pins the
