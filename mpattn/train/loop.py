@@ -583,12 +583,12 @@ class Trainer(EpochLoop):
         self.train_steps = (make_train_step(self.graphdef, self.optimizer, config, scan=True,
                                             treedef=self.carry_def)
                             if config.steps_per_call > 1 else None)
-        self.predict_step = jax.jit(self._predict)
+        # over the graphdef, not self: a run built on a trial's steps does not keep the trial
+        graphdef = self.graphdef
+        self.predict_step = jax.jit(
+            lambda params, rest, graph: nnx.merge(graphdef, params, rest)(graph))
 
     # ------------------------------------------------------------------ steps
-
-    def _predict(self, params, rest, graph):
-        return nnx.merge(self.graphdef, params, rest)(graph)
 
     def _groups(self, epoch: int):
         """The epoch's batches, D at a time (lists of numpy batches, one per device)."""

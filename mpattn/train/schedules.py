@@ -199,9 +199,6 @@ def make_optimizer(lr: float, *, schedule: str = "step", steps_per_epoch: int, e
         A transformation whose ``update`` accepts (and, but for ``"plateau"``, ignores)
         ``value=`` the batch loss.
     """
-    sched = make_schedule(lr, schedule, steps_per_epoch=steps_per_epoch, epochs=epochs,
-                          factor=factor, every_epochs=every_epochs, floor=floor,
-                          warmup_epochs=warmup_epochs, final_lr=final_lr)
     parts = []
     if clip_norm is not None:
         if not clip_norm > 0:
@@ -217,14 +214,18 @@ def make_optimizer(lr: float, *, schedule: str = "step", steps_per_epoch: int, e
             parts += [optax.add_decayed_weights(weight_decay, mask=decay_mask)]
         parts += [scale_by_warmup_cosine(lr, total_steps=total, warmup_steps=warmup,
                                          final_lr=final_lr)]
-    elif weight_decay:
-        # static: inject_hyperparams would call a callable mask as a schedule of the step
-        parts.append(optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-            learning_rate=sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-            mask=decay_mask))
-    else:
-        parts.append(optax.inject_hyperparams(optax.adam)(learning_rate=sched, b1=b1, b2=b2,
-                                                          eps=eps))
+    else:  # the other schedules are step-indexed functions (constants of the compiled step)
+        sched = make_schedule(lr, schedule, steps_per_epoch=steps_per_epoch, epochs=epochs,
+                              factor=factor, every_epochs=every_epochs, floor=floor,
+                              warmup_epochs=warmup_epochs, final_lr=final_lr)
+        if weight_decay:
+            # static: inject_hyperparams would call a callable mask as a schedule of the step
+            parts.append(optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+                learning_rate=sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                mask=decay_mask))
+        else:
+            parts.append(optax.inject_hyperparams(optax.adam)(learning_rate=sched, b1=b1,
+                                                              b2=b2, eps=eps))
     if schedule == "plateau":
         parts.append(optax.contrib.reduce_on_plateau(
             factor=plateau_factor, patience=_positive("plateau_patience", plateau_patience),

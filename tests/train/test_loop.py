@@ -275,6 +275,14 @@ def test_a_run_reuses_its_trials_compiled_steps_and_trains_as_a_fresh_one(qm9_mo
     with pytest.raises(ValueError, match="differs in settings; its compiled steps do not"):
         Trainer(dataclasses.replace(cfg, lr=5e-4), data, tmp_path / "other", model_config=mc,
                 log=quiet, compiled_from=trial)
+    # the run holds the trial's compiled steps, not the trial (nor its checkpoint manager)
+    import gc
+    import weakref
+
+    gone = weakref.ref(trial)
+    del trial
+    gc.collect()
+    assert gone() is None
 
 
 def test_replan_fits_the_cosine_to_the_pace_the_run_gets(qm9_molset, tmp_path, monkeypatch):
