@@ -394,7 +394,9 @@ class EpochLoop:
         cosine schedule's length in the optimizer state with it: a plan timed on a trial
         epoch follows the pace the run actually gets (e.g. beside other runs on one GPU).
         Early in the cosine a change of length barely changes the rate (at 1 epoch of 24 it is
-        0.995 of the peak, of 100: 0.9998); the second half keeps the plan.
+        0.995 of the peak, of 100: 0.9998); the second half keeps the plan. The re-plan comes
+        before the epoch's checkpoint, so every checkpoint holds the plan the run goes on with
+        and ``--resume`` follows the same schedule.
         """
         from tqdm.auto import tqdm
 
@@ -404,7 +406,7 @@ class EpochLoop:
         t_start = time.perf_counter()
         last_save = -math.inf
         spent = sum(r["seconds"] for r in self.history)
-        ends: list[float] = []  # wall clock at each epoch's end (after its save)
+        ends: list[float] = []  # wall clock at each epoch end, before its save
         with tqdm(total=c.epochs, initial=self.epoch, desc="epochs", unit="epoch",
                   disable=not progress or not is_primary()) as bar:
             while self.epoch < self.config.epochs:
@@ -426,6 +428,22 @@ class EpochLoop:
                 elapsed = spent + time.perf_counter() - t_start
                 # every process stops together (a lone one would leave the others waiting)
                 stop = budget_s is not None and agree(elapsed + row["seconds"] > budget_s)
+                ends.append(time.perf_counter())
+                if (not stop and getattr(c, "replan", False) and budget_s is not None
+                        and len(ends) >= 2 and 2 * self.epoch <= c.epochs
+                        and jax.process_count() == 1):
+                    # before this epoch's save, so that a checkpoint always holds the plan
+                    # (epochs in its config, cosine length in its optimizer state) that the
+                    # run continues with: a resumed run follows the same schedule
+                    n = min(3, len(ends) - 1)
+                    pace = (ends[-1] - ends[-1 - n]) / n  # each interval holds one save
+                    left = budget_s - (spent + ends[-1] - t_start)
+                    epochs = self.epoch + max(1, int(left // pace))
+                    if epochs != c.epochs and self._set_schedule_length(epochs):
+                        self.log(f"re-planned: {epochs} epochs fit the budget at "
+                                 f"{pace:.1f} s per epoch (was {c.epochs})")
+                        self.config = c = dataclasses.replace(c, epochs=epochs)
+                        bar.total = epochs
                 # orbax saves are collective: the processes agree on whether one is due
                 if (stop or self.epoch >= c.epochs or every_s <= 0
                         or agree(time.perf_counter() - last_save >= every_s)):
@@ -437,18 +455,6 @@ class EpochLoop:
                     self.log(f"time budget of {c.time_budget_min} min reached after "
                              f"{self.epoch} epochs")
                     break
-                ends.append(time.perf_counter())
-                if (getattr(c, "replan", False) and budget_s is not None and len(ends) >= 2
-                        and 2 * self.epoch <= c.epochs and jax.process_count() == 1):
-                    n = min(3, len(ends) - 1)
-                    pace = (ends[-1] - ends[-1 - n]) / n
-                    left = budget_s - (spent + ends[-1] - t_start)
-                    epochs = self.epoch + max(1, int(left // pace))
-                    if epochs != c.epochs and self._set_schedule_length(epochs):
-                        self.log(f"re-planned: {epochs} epochs fit the budget at "
-                                 f"{pace:.1f} s per epoch (was {c.epochs})")
-                        self.config = dataclasses.replace(c, epochs=epochs)
-                        bar.total = epochs
         return self.history
 
     def _set_schedule_length(self, epochs: int) -> bool:

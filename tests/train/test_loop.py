@@ -303,7 +303,8 @@ def test_replan_fits_the_cosine_to_the_pace_the_run_gets(qm9_molset, tmp_path, m
 
     monkeypatch.setattr(loop, "time", Clock)
     split = make_split(qm9_molset.ids, sizes=SIZES, seed=1)
-    cfg = _config(epochs=20, time_budget_min=0.1, replan=True)
+    cfg = _config(epochs=20, time_budget_min=0.1, replan=True, checkpoint_every_s=0,
+                  keep_checkpoints=10)
     data = prepare(qm9_molset, split, cfg)
     mc = default_config("schnet", **TINY)
     runs = {}
@@ -328,6 +329,18 @@ def test_replan_fits_the_cosine_to_the_pace_the_run_gets(qm9_molset, tmp_path, m
                 if isinstance(x, CosineState)]
     assert int(state.total_steps) == 6 * t.steps_per_epoch
     assert t.history[-1]["lr"] < 2e-5  # the 6-epoch cosine ran its course
+    # the checkpoint of the epoch that re-planned already holds the new plan (what --resume
+    # reads), in its config and in its optimizer state
+    from mpattn.train.checkpoint import read_meta
+
+    step2 = 2 * t.steps_per_epoch
+    assert step2 in t.checkpoints.steps()
+    assert read_meta(t.checkpoints.directory, [step2])["config"]["epochs"] == 6
+    carry, _ = t.checkpoints.restore(t.carry, step=step2)
+    (saved,) = [x for x in jax.tree.leaves(carry["opt"],
+                                           is_leaf=lambda x: isinstance(x, CosineState))
+                if isinstance(x, CosineState)]
+    assert int(saved.total_steps) == 6 * t.steps_per_epoch
     kept, said = runs[False]
     assert kept.config.epochs == 20 and not any("re-planned" in m for m in said)
     assert len(kept.history) == 6 and kept.history[-1]["lr"] > 5e-4  # cut by the budget
