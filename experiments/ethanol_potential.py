@@ -86,7 +86,7 @@ def run(args: argparse.Namespace, *, log=print) -> dict:
                                                log=lambda _msg: None),
             config, args.time_budget_min, trial_out=trial)
         log(f"{epochs} epochs fit the {args.time_budget_min} min budget")
-        config = dataclasses.replace(config, epochs=epochs)
+        config = dataclasses.replace(config, epochs=epochs, replan=True)
     trainer = PotentialTrainer(config, prepared, workdir, model_config=model_config, log=log,
                                compiled_from=trial[0] if trial else None)
     del trial

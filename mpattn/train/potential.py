@@ -90,6 +90,10 @@ class PotentialConfig:
         ema_decay: decay of the evaluated EMA weights (None: evaluate the raw weights).
         seed: parameter initialisation and batch order.
         time_budget_min: stop after the epoch that would overrun it (None: no limit).
+        replan: with a time budget and the cosine schedule, re-fit the epochs (and the
+            cosine's length) to the time left after each epoch of the run's first half, at
+            the pace the run gets (see ``EpochLoop.fit``; set by the planned
+            ``experiments.ethanol_potential`` run).
         x64: train in float64 (needs ``jax_enable_x64`` switched on beforehand).
         keep_checkpoints: latest checkpoints kept (the best is kept besides).
         checkpoint_every_s: checkpoint only after epochs that end at least this many seconds
@@ -111,6 +115,7 @@ class PotentialConfig:
     weight_decay: float = 0.0
     seed: int = 0
     time_budget_min: float | None = None
+    replan: bool = False
     x64: bool = False
     keep_checkpoints: int = 3
     checkpoint_every_s: float = 0.0

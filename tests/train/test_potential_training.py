@@ -255,3 +255,43 @@ def test_checkpoint_every_s_saves_the_first_and_last_epochs_only(frames, tmp_pat
     assert every.checkpoints.steps()[-3:] == [2 * spe, 3 * spe, 4 * spe]  # the 3 latest
     with pytest.raises(ValueError, match="checkpoint_every_s must be >= 0, got -1"):
         PotentialConfig(checkpoint_every_s=-1.0)
+
+
+def test_a_planned_potential_run_replans_to_its_pace(frames, tmp_path, monkeypatch):
+    """``PotentialConfig.replan``: on a clock of exactly 1 s per epoch, 20 planned epochs in
+    a 6-s budget become the 6 that fit, and the cosine's length in the optimizer state (and
+    in the re-planning epoch's checkpoint) follows."""
+    import jax
+
+    from mpattn.train import loop
+    from mpattn.train import potential as potential_training
+    from mpattn.train.checkpoint import read_meta
+    from mpattn.train.schedules import CosineState
+
+    class Clock:
+        now = 0.0
+
+        @staticmethod
+        def perf_counter():
+            return Clock.now
+
+    monkeypatch.setattr(loop, "time", Clock)
+    monkeypatch.setattr(potential_training, "time", Clock)  # the epoch rows' seconds
+    trainer = _trainer(frames, tmp_path, sizes=(32, 16, 8), epochs=20, time_budget_min=0.1,
+                       replan=True, keep_checkpoints=10)
+    run_epoch = trainer._run_epoch
+
+    def one_second(epoch):
+        Clock.now += 1.0
+        return run_epoch(epoch)
+
+    trainer._run_epoch = one_second
+    trainer.fit(progress=False)
+    spe = trainer.steps_per_epoch
+    assert trainer.config.epochs == 6 and len(trainer.history) == 6
+    (state,) = [x for x in jax.tree.leaves(trainer.carry["opt"],
+                                           is_leaf=lambda x: isinstance(x, CosineState))
+                if isinstance(x, CosineState)]
+    assert int(state.total_steps) == 6 * spe
+    assert read_meta(trainer.checkpoints.directory, [2 * spe])["config"]["epochs"] == 6
+    assert trainer.history[-1]["lr"] < 0.01 * trainer.config.lr  # the cosine ran its course
