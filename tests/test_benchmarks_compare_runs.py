@@ -1,0 +1,70 @@
+"""benchmarks.compare_runs: reading run folders, matched-epoch table, errors, figure."""
+
+import json
+
+import pytest
+
+from benchmarks.compare_runs import compare, main, read_run, table
+
+
+def _run(folder, vals, *, column="val_mae", results=None, seconds=60.0):
+    folder.mkdir(parents=True)
+    lines = [f"epoch,train_loss,{column},lr,seconds"]
+    lines += [f"{e},0.5,{v},0.001,{seconds}" for e, v in enumerate(vals, start=1)]
+    (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
+    if results is not None:
+        (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def test_matched_epochs_best_and_test(tmp_path):
+    done = _run(tmp_path / "a", [100.0, 60.0, 40.0, 45.0],
+                results={"config": {"epochs": 4}, "test": {"mae_mev": 41.25}, "params": 1234})
+    going = _run(tmp_path / "b", [90.0, 50.0])
+    runs = [read_run(done), read_run(going, "wide")]
+    assert runs[0].planned == 4 and runs[0].test == 41.25 and runs[0].params == 1234
+    assert runs[1].planned is None and runs[1].test is None  # no results, no checkpoints
+    s = compare(runs, [2, 3])
+    a, b = s["runs"]
+    assert a["val_at"] == {"2": 60.0, "3": 40.0} and (a["best_val"], a["best_epoch"]) == (40.0, 3)
+    assert b["val_at"] == {"2": 50.0, "3": None} and b["label"] == "wide"
+    assert a["hours"] == pytest.approx(4 * 60 / 3600) and b["epochs"] == 2
+    text = table(s)
+    assert "4/4" in text and "2/-" in text and "1,234" in text and "41.25" in text
+    assert "40.0 (3)" in text and "meV" in text
+    wide = next(line for line in text.splitlines() if line.startswith("wide"))
+    assert wide.split()[4:7] == ["50.0", "-", "50.0"]  # val@2, val@3 (not reached), best
+
+
+def test_potential_runs_compare_their_force_mae(tmp_path):
+    run = read_run(_run(tmp_path / "p", [30.0, 20.0], column="val_force_mae_mev_ang",
+                        results={"config": {"epochs": 2},
+                                 "test": {"force_mae_mev_ang": 21.5}}))
+    assert run.metric == "val_force_mae_mev_ang" and run.unit == "meV/Å" and run.test == 21.5
+
+
+def test_bad_folders_are_named(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"empty: no metrics.csv"):
+        read_run(tmp_path / "empty")
+    bad = _run(tmp_path / "bad", [1.0, 2.0])
+    (bad / "metrics.csv").write_text("epoch,val_mae\n1,3.0\n2,oops\n")
+    with pytest.raises(ValueError, match=r"bad/metrics.csv, line 3: not a row of numbers"):
+        read_run(bad)
+    other = _run(tmp_path / "other", [1.0], column="score")
+    with pytest.raises(ValueError, match="none of the validation columns"):
+        read_run(other)
+    assert main([str(bad), "--no-save"]) == 2
+    assert "line 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(other), "--labels", "x", "y"])
+
+
+def test_main_prints_and_draws(tmp_path, capsys):
+    a = _run(tmp_path / "a", [100.0, 60.0])
+    b = _run(tmp_path / "b", [80.0, 70.0, 65.0])
+    out = tmp_path / "cmp.png"
+    assert main([str(a), str(b), "--at", "1", "3", "--no-save", "--out", str(out),
+                 "--x", "hours"]) == 0
+    printed = capsys.readouterr().out
+    assert "val@1" in printed and "val@3" in printed and f"wrote {out}" in printed
+    assert out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"
