@@ -12,7 +12,15 @@ Every variant is one ``python -m experiments.qm9_u0`` process on the ``cpu`` pre
 They run at the same time (``--concurrency``): on one H100 a step of this small model at
 batch 64 is bound by kernel launches and host dispatch, not by the GPU's arithmetic (README,
 "Training on QM9"), so several runs share it at little cost each. Equal minutes, not equal
-epochs: a wider model gets fewer.
+epochs: a wider model gets fewer (``--epochs N`` gives every run the same schedule instead).
+
+On a CPU the runs do not share cores: each gets ``--cores-per-run`` cores of its own (default:
+the cores split evenly, at least 1) and as many run at once as the cores hold; a 1-core run
+uses one XLA thread. On the 2-core CPU two 1-core runs of the vector model at batch 16
+trained 187 + 186 mol/s, one run on both cores 304 mol/s: comparing two settings side by
+side does 1.23x the work of running them one after the other. There, pass the cpu preset's
+``--batch-size 16`` and ``--epochs`` (equal schedules), e.g.
+``python -m benchmarks.sweep --variants vec64 vec64-wd --batch-size 16 --epochs 60``.
 
 Each run keeps its own folder, ``benchmarks/results/qm9_u0-<device>-<date>-sweep-<variant>/``
 (results.json, metrics.csv, predictions.csv, plots, log.txt; checkpoints too, which
@@ -85,45 +93,94 @@ def command(name: str, args, workdir: Path) -> list[str]:
     return cmd + list(v.options) + list(args.extra)
 
 
-def run_env() -> dict:
+#: XLA flags of a run pinned to one CPU core: one thread for its ops (measured on the 2-core
+#: CPU, vector model at batch 16: two such runs at once trained 187 + 186 mol/s, one run on
+#: both cores 304 mol/s, so two 1-core runs do 1.23x the work of one 2-core run)
+ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def run_env(cores: tuple[int, ...] | None = None) -> dict:
     """Environment of each run: JAX allocates GPU memory as it goes, so that concurrent
-    processes share the device (by default the first would take 75% of it)."""
-    return os.environ | {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PYTHONUNBUFFERED": "1"}
+    processes share the device (by default the first would take 75% of it); a run pinned to
+    one CPU core (``cores``) runs its XLA ops on one thread."""
+    env = os.environ | {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PYTHONUNBUFFERED": "1"}
+    if cores is not None and len(cores) == 1:
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {ONE_THREAD}".strip()
+    return env
 
 
-def launch(names, args, workdirs: dict[str, Path], log=print) -> dict[str, int]:
+def available_cores() -> list[int]:
+    """The CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def core_slots(args, device: str, cores: list[int]) -> list[tuple[int, ...]] | None:
+    """Resolve ``args.concurrency`` (in place) and the cores of each concurrent run.
+
+    On an accelerator every run shares the device and no run is pinned: ``None`` (default
+    concurrency: all runs at once). On a CPU, each of ``args.concurrency`` runs at once gets
+    ``args.cores_per_run`` cores of its own (default: the cores shared evenly by the runs,
+    at least 1; default concurrency: as many runs as the cores hold), so runs do not compete
+    for cores. Raises ValueError if the runs at once need more cores than there are.
+    """
+    n = len(args.variants)
+    if not device.startswith("cpu"):
+        args.concurrency = args.concurrency or n
+        return None
+    per = args.cores_per_run or max(1, len(cores) // n)
+    args.cores_per_run = per
+    args.concurrency = args.concurrency or max(1, min(n, len(cores) // per))
+    if per * args.concurrency > len(cores):
+        raise ValueError(f"{args.concurrency} runs at once of {per} cores each need "
+                         f"{per * args.concurrency} cores; this process has {len(cores)} "
+                         f"({cores})")
+    return [tuple(cores[i * per:(i + 1) * per]) for i in range(args.concurrency)]
+
+
+def launch(names, args, workdirs: dict[str, Path], log=print,
+           slots: list[tuple[int, ...]] | None = None) -> dict[str, int]:
     """Run the variants, at most ``args.concurrency`` at once; exit status per variant.
 
-    Each run's output goes to ``<workdir>/log.txt``. On Ctrl-C (or ``timeout --signal=INT``)
-    the running processes get SIGINT, then SIGKILL 30 s later; the status of a run that did
-    not finish is its signal's negative number.
+    Each run's output goes to ``<workdir>/log.txt``. With ``slots`` (see :func:`core_slots`)
+    each running variant holds one slot's CPU cores (its affinity, and one XLA thread on a
+    single core) until it ends. On Ctrl-C (or ``timeout --signal=INT``) the running
+    processes get SIGINT, then SIGKILL 30 s later; the status of a run that did not finish
+    is its signal's negative number.
     """
     pending, running, status = list(names), {}, {}
+    free = list(slots) if slots is not None else [None] * args.concurrency
     try:
         while pending or running:
-            while pending and len(running) < args.concurrency:
-                name = pending.pop(0)
+            while pending and free:
+                name, cores = pending.pop(0), free.pop(0)
                 workdirs[name].mkdir(parents=True, exist_ok=True)
                 out = (workdirs[name] / "log.txt").open("w")
                 cmd = command(name, args, workdirs[name])
                 out.write("+ " + " ".join(cmd) + "\n")
                 out.flush()
-                running[name] = (subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=out,
-                                                  stderr=subprocess.STDOUT), out, time.time())
-                log(f"started {name}: {VARIANTS[name].what}")
-            for name, (proc, out, t0) in list(running.items()):
+                proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(cores), stdout=out,
+                                        stderr=subprocess.STDOUT)
+                if cores is not None:  # before the interpreter has started a thread (no
+                    os.sched_setaffinity(proc.pid, cores)  # preexec_fn: fork with JAX)
+                running[name] = (proc, out, time.time(), cores)
+                where = "" if cores is None else f" on core(s) {', '.join(map(str, cores))}"
+                log(f"started {name}{where}: {VARIANTS[name].what}")
+            for name, (proc, out, t0, cores) in list(running.items()):
                 if proc.poll() is not None:
                     out.close()
                     status[name] = proc.returncode
+                    free.append(cores)
                     del running[name]
                     log(f"{name} ended with status {proc.returncode} after "
                         f"{time.time() - t0:.0f} s")
             time.sleep(0.5)
     except KeyboardInterrupt:
         log(f"interrupted: stopping {', '.join(running) or 'nothing'}")
-        for proc, _, _ in running.values():
+        for proc, *_ in running.values():
             proc.send_signal(signal.SIGINT)
-        for name, (proc, out, _) in running.items():
+        for name, (proc, out, *_) in running.items():
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -219,7 +276,13 @@ def parse(argv=None):
     ap.add_argument("--minutes", type=float, default=6.5,
                     help="training budget of each run (epochs planned to fill it)")
     ap.add_argument("--epochs", type=int, help="a fixed number of epochs instead of planning")
-    ap.add_argument("--concurrency", type=int, help="runs at once (default: all)")
+    ap.add_argument("--concurrency", type=int,
+                    help="runs at once (default: all on an accelerator; on a CPU as many as "
+                         "its cores hold at --cores-per-run)")
+    ap.add_argument("--cores-per-run", type=int,
+                    help="CPU only: pin each run to this many cores of its own (default: the "
+                         "cores shared evenly by the runs, at least 1; a 1-core run uses one "
+                         "XLA thread)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps-per-call", type=int,
                     help="train steps per jit call (default 8 on an accelerator, 1 on a CPU)")
@@ -235,10 +298,10 @@ def parse(argv=None):
     args = ap.parse_args(argv)
     if len(set(args.variants)) != len(args.variants):
         ap.error(f"--variants names a run twice: {args.variants}")
-    if args.concurrency is None:
-        args.concurrency = len(args.variants)
-    if args.concurrency < 1 or not args.minutes > 0:
-        ap.error("--concurrency must be >= 1 and --minutes > 0")
+    if ((args.concurrency is not None and args.concurrency < 1)
+            or (args.cores_per_run is not None and args.cores_per_run < 1)
+            or not args.minutes > 0):
+        ap.error("--concurrency and --cores-per-run must be >= 1 and --minutes > 0")
     return args
 
 
@@ -261,11 +324,17 @@ def main(argv=None) -> int:
         print(f"error: these run folders hold results already (pass --tag): {taken}",
               file=sys.stderr)
         return 2
-    print(f"sweep on {device}: {len(args.variants)} runs, {args.concurrency} at once, "
-          f"{args.minutes:g} min each, batch {args.batch_size}, {args.steps_per_call} steps "
-          "per call")
+    try:
+        slots = core_slots(args, device, available_cores())
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    length = f"{args.epochs} epochs" if args.epochs else f"{args.minutes:g} min"
+    pinned = "" if slots is None else f" ({args.cores_per_run} core(s) each)"
+    print(f"sweep on {device}: {len(args.variants)} runs, {args.concurrency} at once{pinned}, "
+          f"{length} each, batch {args.batch_size}, {args.steps_per_call} steps per call")
     t0 = time.time()
-    status = launch(args.variants, args, workdirs)
+    status = launch(args.variants, args, workdirs, slots=slots)
     summary = summarise(args.variants, workdirs, status)
     print(table(summary))
     if not args.no_save:

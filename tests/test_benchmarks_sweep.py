@@ -44,8 +44,30 @@ def test_parse_rejects_bad_variant_lists(capsys):
     with pytest.raises(SystemExit):
         _args("--variants", "vec65")
     assert "invalid choice: 'vec65'" in capsys.readouterr().err
-    assert _args().concurrency == len(sweep.DEFAULT_VARIANTS)
-    assert _args("--concurrency", "1").concurrency == 1
+    with pytest.raises(SystemExit):
+        _args("--cores-per-run", "0")
+    assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_core_slots_share_a_cpu_and_leave_an_accelerator_alone():
+    gpu = _args()
+    assert sweep.core_slots(gpu, "NVIDIA-H100", [0, 1]) is None
+    assert gpu.concurrency == len(sweep.DEFAULT_VARIANTS)  # all at once on the device
+    two = _args("--variants", "vec64", "vec64-wd")
+    assert sweep.core_slots(two, "cpu2", [0, 1]) == [(0,), (1,)]  # one core each, together
+    assert (two.concurrency, two.cores_per_run) == (2, 1)
+    four = _args()  # 4 runs on 2 cores: 2 at a time, 1 core each
+    assert sweep.core_slots(four, "cpu2", [4, 5]) == [(4,), (5,)] and four.concurrency == 2
+    one = _args("--variants", "vec128")
+    assert sweep.core_slots(one, "cpu16", list(range(16))) == [tuple(range(16))]
+    wide = _args("--cores-per-run", "3", "--concurrency", "2")
+    assert sweep.core_slots(wide, "cpu8", list(range(8))) == [(0, 1, 2), (3, 4, 5)]
+    with pytest.raises(ValueError, match=r"2 runs at once of 2 cores each need 4 cores; this "
+                                         r"process has 2 \(\[0, 1\]\)"):
+        sweep.core_slots(_args("--cores-per-run", "2", "--concurrency", "2"), "cpu2", [0, 1])
+    env = sweep.run_env((1,))
+    assert sweep.ONE_THREAD in env["XLA_FLAGS"] and env["XLA_PYTHON_CLIENT_PREALLOCATE"]
+    assert sweep.ONE_THREAD not in sweep.run_env((0, 1)).get("XLA_FLAGS", "")
 
 
 def _predictions(ids, true, pred):
@@ -72,9 +94,10 @@ def test_ensemble_averages_predictions_matched_by_id():
 
 
 STUB = """#!{python}
-import json, sys
+import json, os, sys
 from pathlib import Path
 argv = sys.argv
+print("cores", sorted(os.sched_getaffinity(0)), "flags", os.environ.get("XLA_FLAGS", ""))
 work = Path(argv[argv.index("--workdir") + 1])
 if "--weight-decay" in argv:
     print("diverged"); sys.exit(3)
@@ -90,7 +113,8 @@ print("ok")
 """
 
 
-def test_sweep_runs_the_variants_and_reports_the_failed_one(tmp_path, capsys):
+def test_sweep_runs_the_variants_and_reports_the_failed_one(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sweep, "device_name", lambda: "GPU-stub")  # no pinning
     stub = tmp_path / "fake_python"
     stub.write_text(STUB.format(python=sys.executable))
     stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
@@ -121,3 +145,24 @@ def test_predictions_written_by_a_run_feed_the_ensemble(tmp_path):
                           {p: ([5, 6], [3, 4], [-1.0, -2.0], pred) for p in ("val", "test")})
     out = sweep.ensemble({n: read_predictions(tmp_path / f"{n}.csv") for n in "ab"})
     assert out["val"]["mae_mev"] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="Linux only")
+def test_on_a_cpu_each_run_gets_its_own_core(tmp_path, capsys, monkeypatch):
+    import os
+
+    core = sorted(os.sched_getaffinity(0))[0]
+    monkeypatch.setattr(sweep, "device_name", lambda: "cpu1")
+    monkeypatch.setattr(sweep, "available_cores", lambda: [core])
+    stub = tmp_path / "fake_python"
+    stub.write_text(STUB.format(python=sys.executable))
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    assert sweep.main(["--variants", "vec64", "vec64-b32", "--python", str(stub),
+                       "--results-dir", str(tmp_path / "res"), "--epochs", "3",
+                       "--no-save"]) == 0
+    out = capsys.readouterr().out
+    assert "2 runs, 1 at once (1 core(s) each), 3 epochs each" in out
+    assert f"started vec64 on core(s) {core}:" in out
+    for work in (tmp_path / "res").iterdir():  # one after the other, on the one core
+        log = (work / "log.txt").read_text()
+        assert f"cores [{core}] flags" in log and sweep.ONE_THREAD in log
