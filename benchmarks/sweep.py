@@ -72,6 +72,9 @@ VARIANTS: dict[str, Variant] = {
                              VECTOR | {"steps": 4}),
     "vec64-cut6": Variant("vector channels, cutoff 6 Å instead of 5",
                           VECTOR | {"cutoff": 6.0}),
+    "vec64-ema4": Variant("vec64 evaluated with EMA decay 0.9999 instead of 0.999: weights "
+                          "averaged over ~10 epochs at batch 16 rather than ~1",
+                          VECTOR, ("--ema-decay", "0.9999")),
 }
 DEFAULT_VARIANTS = ("vec64", "vec128", "vec64-wd", "vec64-b32")
 
