@@ -122,15 +122,16 @@ def available_cores() -> list[int]:
 def core_slots(args, device: str, cores: list[int]) -> list[tuple[int, ...]] | None:
     """Resolve ``args.concurrency`` (in place) and the cores of each concurrent run.
 
-    On an accelerator every run shares the device and no run is pinned: ``None`` (default
-    concurrency: all runs at once). On a CPU, each of ``args.concurrency`` runs at once gets
-    ``args.cores_per_run`` cores of its own (default: the cores shared evenly by the runs,
-    at least 1; default concurrency: as many runs as the cores hold), so runs do not compete
-    for cores. Raises ValueError if the runs at once need more cores than there are.
+    On an accelerator (or an OS without CPU affinity) every run shares the device and no run
+    is pinned: ``None`` (default concurrency: all runs at once). On a CPU, each of
+    ``args.concurrency`` runs at once gets ``args.cores_per_run`` cores of its own (default:
+    the cores shared evenly by the runs, at least 1; default concurrency: as many runs as the
+    cores hold), so runs do not compete for cores. Raises ValueError if the runs at once
+    need more cores than there are.
     """
     n = len(args.variants)
-    if not device.startswith("cpu"):
-        args.concurrency = args.concurrency or n
+    if not device.startswith("cpu") or not hasattr(os, "sched_setaffinity"):
+        args.concurrency = args.concurrency or n  # (no pinning where the OS has no affinity)
         return None
     per = args.cores_per_run or max(1, len(cores) // n)
     args.cores_per_run = per
