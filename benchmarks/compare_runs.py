@@ -100,11 +100,10 @@ def _planned_from_checkpoint(workdir: Path) -> int | None:
     folder = workdir / "checkpoints"
     if not folder.is_dir():
         return None
-    from mpattn.train.checkpoint import Checkpointer, read_meta
+    from mpattn.train.checkpoint import latest_meta
 
     try:
-        steps = Checkpointer(folder).listing("latest")[0]
-        return int(read_meta(folder, steps[::-1])["config"]["epochs"]) if steps else None
+        return int(latest_meta(folder)["config"]["epochs"])
     except (ValueError, KeyError, TypeError):
         return None
 

@@ -351,6 +351,15 @@ def json_tuples(x):
     return tuple(json_tuples(v) for v in x) if isinstance(x, list) else x
 
 
+def latest_meta(directory: Path) -> dict:
+    """The JSON metadata of the newest readable checkpoint in ``directory`` (e.g. the plan a
+    run resumes with); ValueError naming the folder if it holds none."""
+    steps = Checkpointer(directory).listing("latest")[0]
+    if not steps:
+        raise ValueError(f"{directory} holds no checkpoint")
+    return read_meta(directory, steps[::-1])
+
+
 def read_meta(directory: Path, steps: list[int]) -> dict:
     """The JSON metadata of the first readable of ``steps`` (the state is restored later,
     into a template built from this metadata); ValueError naming the folder if none is."""

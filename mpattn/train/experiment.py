@@ -96,11 +96,10 @@ def _planned(config: TrainConfig, data, workdir: Path, model_config, *, resume: 
     and the trial trainer that timed them, whose compiled steps the run reuses (or None)."""
     import jax
 
-    from mpattn.train.checkpoint import Checkpointer, read_meta
+    from mpattn.train.checkpoint import latest_meta
 
     if resume:  # the schedule must stay the one the run started with
-        steps = Checkpointer(workdir / "checkpoints").listing("latest")[0]
-        epochs = int(read_meta(workdir / "checkpoints", steps[::-1])["config"]["epochs"])
+        epochs = int(latest_meta(workdir / "checkpoints")["config"]["epochs"])
         log(f"resuming the run's plan of {epochs} epochs")
         return dataclasses.replace(config, epochs=epochs, replan=True), None
     if jax.process_count() > 1:  # a throwaway trainer per process would need a shared folder
