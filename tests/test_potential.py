@@ -51,6 +51,8 @@ def pots():
         "schnet": Potential(SchNet(SCHNET, rngs=nnx.Rngs(0)), reference=REF),
         "vector": Potential(AttentionPotential(dataclasses.replace(CFG, vector_features=True),
                                                rngs=nnx.Rngs(0)), reference=REF),
+        "vector_sum": Potential(AttentionPotential(dataclasses.replace(
+            CFG, vector_features=True, vector_messages="sum"), rngs=nnx.Rngs(0)), reference=REF),
         "plain": Potential(AttentionPotential(dataclasses.replace(CFG, smooth=False, steps=1),
                                               rngs=nnx.Rngs(0)), reference=REF),
         "crystal": Potential(attn, elements=("Si", "Cu")),
@@ -113,7 +115,7 @@ def ethanol(seed=0):
 # ------------------------------------------------------------------ forces and invariances
 
 
-@pytest.mark.parametrize("kind", ["attention", "schnet", "vector"])
+@pytest.mark.parametrize("kind", ["attention", "schnet", "vector", "vector_sum"])
 def test_forces_equal_finite_differences(x64, pots, kind):
     """Potential(AttentionPotential) and Potential(SchNet) on width-0 features, float64."""
     a = ethanol()
@@ -155,7 +157,7 @@ def test_periodic_supercell_is_extensive(x64, pots):
     np.testing.assert_allclose(forces[4:12], np.tile(forces[:4], (2, 1)), atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["attention", "schnet", "vector"])
+@pytest.mark.parametrize("kind", ["attention", "schnet", "vector", "vector_sum"])
 def test_rotation_translation_permutation(x64, pots, kind):
     """Energy invariant, forces rotate with the structure and follow atom permutations."""
     rng = np.random.default_rng(0)
@@ -185,6 +187,8 @@ def test_vector_features_mirror_image_and_use(x64, pots):
     energy, forces = run(pots["vector"], graph)
     np.testing.assert_allclose(energy[1], energy[0], rtol=1e-12)
     np.testing.assert_allclose(forces[9:18], forces[:9] @ mirror, atol=1e-10)
+    # the same weights with PaiNN's summed messages give another energy (the option is used)
+    assert abs(run(pots["vector_sum"], graph)[0][0] - energy[0]) > 1e-6
     graphdef, params, rest = nnx.split(pots["vector"], nnx.Param, ...)
     grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(graph)))(params)
     names = ("vec_sender", "vec_radial", "vec_u", "vec_w", "vec_gate_in", "vec_gate_out")
@@ -213,7 +217,7 @@ def test_energy_continuous_across_cutoff(x64, pots):
                 graphs.append(radius_graph(z[:n], base[:n] + [[0, 0, 0], [sign * e, 0, 0],
                                                               [0, 0, 0]][:n], rc))
     first = np.cumsum([0] + [len(g.nodes["z"]) for g in graphs])[:-1]
-    for kind in ("attention", "vector", "plain"):
+    for kind in ("attention", "vector", "vector_sum", "plain"):
         energy, forces = run(pots[kind], pad(graphs, dtype=np.float64))
         jump = np.abs(energy[1:12:2] - energy[:12:2]).reshape(2, 3)
         f_in = np.abs(forces[first[:12:2] + 1, 0]).reshape(2, 3)  # on the crossing O
@@ -255,7 +259,7 @@ def test_smooth_graph_attention_by_hand():
 # ------------------------------------------------------------------ padding
 
 
-@pytest.mark.parametrize("kind", ["attention", "vector"])
+@pytest.mark.parametrize("kind", ["attention", "vector", "vector_sum"])
 def test_padding_never_changes_real_graphs(pots, kind):
     """Ethanol + water padded with extra nodes, edges and graphs (junk padding positions)
     equal each molecule padded alone; padding graphs get energy 0, padding nodes force 0."""
@@ -410,6 +414,8 @@ def test_errors():
     with pytest.raises(ValueError, match="smooth=False"):
         AttentionPotentialConfig(dim=16, num_heads=2, head_dim=8, vector_features=True,
                                  smooth=False)
+    with pytest.raises(ValueError, match="vector_messages must be 'attention' or 'sum', got 'max'"):
+        AttentionPotentialConfig(vector_messages="max")
     model = AttentionPotential(CFG, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="Potential needs elements or a reference"):
         Potential(model)
