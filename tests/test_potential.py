@@ -53,6 +53,9 @@ def pots():
                                                rngs=nnx.Rngs(0)), reference=REF),
         "vector_sum": Potential(AttentionPotential(dataclasses.replace(
             CFG, vector_features=True, vector_messages="sum"), rngs=nnx.Rngs(0)), reference=REF),
+        "silu": Potential(AttentionPotential(dataclasses.replace(
+            CFG, vector_features=True, vector_messages="sum", attention_weights="silu"),
+            rngs=nnx.Rngs(0)), reference=REF),
         "plain": Potential(AttentionPotential(dataclasses.replace(CFG, smooth=False, steps=1),
                                               rngs=nnx.Rngs(0)), reference=REF),
         "crystal": Potential(attn, elements=("Si", "Cu")),
@@ -115,7 +118,7 @@ def ethanol(seed=0):
 # ------------------------------------------------------------------ forces and invariances
 
 
-@pytest.mark.parametrize("kind", ["attention", "schnet", "vector", "vector_sum"])
+@pytest.mark.parametrize("kind", ["attention", "schnet", "vector", "vector_sum", "silu"])
 def test_forces_equal_finite_differences(x64, pots, kind):
     """Potential(AttentionPotential) and Potential(SchNet) on width-0 features, float64."""
     a = ethanol()
@@ -157,7 +160,7 @@ def test_periodic_supercell_is_extensive(x64, pots):
     np.testing.assert_allclose(forces[4:12], np.tile(forces[:4], (2, 1)), atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["attention", "schnet", "vector", "vector_sum"])
+@pytest.mark.parametrize("kind", ["attention", "schnet", "vector", "vector_sum", "silu"])
 def test_rotation_translation_permutation(x64, pots, kind):
     """Energy invariant, forces rotate with the structure and follow atom permutations."""
     rng = np.random.default_rng(0)
@@ -189,6 +192,7 @@ def test_vector_features_mirror_image_and_use(x64, pots):
     np.testing.assert_allclose(forces[9:18], forces[:9] @ mirror, atol=1e-10)
     # the same weights with PaiNN's summed messages give another energy (the option is used)
     assert abs(run(pots["vector_sum"], graph)[0][0] - energy[0]) > 1e-6
+    assert abs(run(pots["silu"], graph)[0][0] - run(pots["vector_sum"], graph)[0][0]) > 1e-6
     graphdef, params, rest = nnx.split(pots["vector"], nnx.Param, ...)
     grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(graph)))(params)
     names = ("vec_sender", "vec_radial", "vec_u", "vec_w", "vec_gate_in", "vec_gate_out")
@@ -217,7 +221,7 @@ def test_energy_continuous_across_cutoff(x64, pots):
                 graphs.append(radius_graph(z[:n], base[:n] + [[0, 0, 0], [sign * e, 0, 0],
                                                               [0, 0, 0]][:n], rc))
     first = np.cumsum([0] + [len(g.nodes["z"]) for g in graphs])[:-1]
-    for kind in ("attention", "vector", "vector_sum", "plain"):
+    for kind in ("attention", "vector", "vector_sum", "silu", "plain"):
         energy, forces = run(pots[kind], pad(graphs, dtype=np.float64))
         jump = np.abs(energy[1:12:2] - energy[:12:2]).reshape(2, 3)
         f_in = np.abs(forces[first[:12:2] + 1, 0]).reshape(2, 3)  # on the crossing O
@@ -259,7 +263,7 @@ def test_smooth_graph_attention_by_hand():
 # ------------------------------------------------------------------ padding
 
 
-@pytest.mark.parametrize("kind", ["attention", "vector", "vector_sum"])
+@pytest.mark.parametrize("kind", ["attention", "vector", "vector_sum", "silu"])
 def test_padding_never_changes_real_graphs(pots, kind):
     """Ethanol + water padded with extra nodes, edges and graphs (junk padding positions)
     equal each molecule padded alone; padding graphs get energy 0, padding nodes force 0."""
@@ -416,6 +420,10 @@ def test_errors():
                                  smooth=False)
     with pytest.raises(ValueError, match="vector_messages must be 'attention' or 'sum', got 'max'"):
         AttentionPotentialConfig(vector_messages="max")
+    with pytest.raises(ValueError, match="attention_weights must be 'softmax' or 'silu'"):
+        AttentionPotentialConfig(attention_weights="sigmoid")
+    with pytest.raises(ValueError, match="attention_weights='silu' needs smooth=True"):
+        AttentionPotentialConfig(attention_weights="silu", smooth=False)
     model = AttentionPotential(CFG, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="Potential needs elements or a reference"):
         Potential(model)

@@ -143,6 +143,9 @@ class AttentionPotentialConfig:
     :class:`AttentionPotential`); it needs ``num_heads * head_dim == dim`` and ``smooth``.
     ``vector_messages`` weighs the vector messages by the attention (``"attention"``) or sums
     them with the envelope as PaiNN does (``"sum"``, divided by :data:`SUM_NEIGHBOURS`).
+    ``attention_weights="silu"`` replaces the normalised weights of
+    :func:`smooth_graph_attention` by ``silu(l_e) f(r_e) / SUM_NEIGHBOURS``: unnormalised, so
+    messages are summed, not averaged (as in TorchMD-Net's equivariant transformer).
     """
 
     dim: int = 64
@@ -158,8 +161,15 @@ class AttentionPotentialConfig:
     value_filter: bool = True
     vector_features: bool = False
     vector_messages: str = "attention"
+    attention_weights: str = "softmax"
 
     def __post_init__(self) -> None:
+        if self.attention_weights not in ("softmax", "silu"):
+            raise ValueError(f"attention_weights must be 'softmax' or 'silu', got "
+                             f"{self.attention_weights!r}")
+        if self.attention_weights == "silu" and not self.smooth:
+            raise ValueError("attention_weights='silu' needs smooth=True (it replaces the "
+                             "smooth attention's weights)")
         if self.vector_messages not in ("attention", "sum"):
             raise ValueError(f"vector_messages must be 'attention' or 'sum', got "
                              f"{self.vector_messages!r}")
@@ -260,12 +270,17 @@ class AttentionPotential(nnx.Module):
             act = ACTIVATIONS[self.config.activation]
             inner, outer = self.filters[t]
             filt = _per_edge(outer(act(inner(rbf))), g).reshape((-1,) + shape[1:])
-        o, alpha = smooth_graph_attention(
-            attn.query(x).reshape(shape), attn.key(x).reshape(shape),
-            attn.value(x).reshape(shape), senders=g.senders, receivers=g.receivers,
-            num_segments=n, envelope=envelope,
-            bias=_per_edge(attn.edge_logit_bias(distances=d), g), value_filter=filt,
-            return_weights=True)
+        q, k, v = (f(x).reshape(shape) for f in (attn.query, attn.key, attn.value))
+        bias = _per_edge(attn.edge_logit_bias(distances=d), g)
+        if self.config.attention_weights == "silu":
+            logits = jnp.sum(q[g.receivers] * k[g.senders], axis=-1) / math.sqrt(shape[2])
+            alpha = jax.nn.silu(logits + bias) * (envelope / SUM_NEIGHBOURS)[:, None]
+            values = v[g.senders] if filt is None else v[g.senders] * filt
+            o = segment_sum(alpha[..., None] * values, g.receivers, num_segments=n)
+        else:
+            o, alpha = smooth_graph_attention(
+                q, k, v, senders=g.senders, receivers=g.receivers, num_segments=n,
+                envelope=envelope, bias=bias, value_filter=filt, return_weights=True)
         return attn.out(o.reshape(n, -1)), alpha
 
     def _vector_block(self, t: int, x, h, vec, alpha, envelope, unit, g, rbf):
