@@ -79,16 +79,17 @@ def run(args: argparse.Namespace, *, log=print) -> dict:
                              epochs=args.epochs or 1, batch_size=args.batch_size,
                              seed=args.seed, time_budget_min=args.time_budget_min)
     prepared = prepare_frames(frames, (train, val, test), config)
-    trial: list = []  # the trainer that timed the plan: the run reuses its compiled steps
+    trial = None  # the trainer that timed the plan: the run reuses its compiled steps
     if args.epochs is None:
-        epochs = calibrate_epochs(
+        plan = calibrate_epochs(
             lambda c, folder: PotentialTrainer(c, prepared, folder, model_config=model_config,
                                                log=lambda _msg: None),
-            config, args.time_budget_min, trial_out=trial)
-        log(f"{epochs} epochs fit the {args.time_budget_min} min budget")
-        config = dataclasses.replace(config, epochs=epochs, replan=True)
+            config, args.time_budget_min, reuse_trial=True)
+        log(f"{plan.epochs} epochs fit the {args.time_budget_min} min budget")
+        config = dataclasses.replace(config, epochs=plan.epochs, replan=True)
+        trial = plan.trial
     trainer = PotentialTrainer(config, prepared, workdir, model_config=model_config, log=log,
-                               compiled_from=trial[0] if trial else None)
+                               compiled_from=trial)
     del trial
     log(f"{args.model}: {trainer.num_params} parameters, {len(train)}/{len(val)}/{len(test)} "
         f"frames, {config.epochs} epochs of {trainer.steps_per_epoch} steps")

@@ -13,7 +13,14 @@
 """
 
 from mpattn.train.checkpoint import Checkpointer
-from mpattn.train.loop import TrainConfig, Trainer, TrainingDiverged, calibrate_epochs, prepare
+from mpattn.train.loop import (
+    EpochPlan,
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    calibrate_epochs,
+    prepare,
+)
 from mpattn.train.losses import (
     LOSSES,
     WEIGHT_FLOOR,
@@ -41,6 +48,7 @@ __all__ = [
     # checkpoint
     "Checkpointer",
     # loop
+    "EpochPlan",
     "TrainConfig",
     "Trainer",
     "TrainingDiverged",

@@ -106,14 +106,13 @@ def _planned(config: TrainConfig, data, workdir: Path, model_config, *, resume: 
         log(f"{config.epochs} epochs (not planned from the budget in a multi-process run)")
         return config, None
     log(f"timing an epoch to plan the epochs of the {config.time_budget_min:g} min budget")
-    trial: list = []
-    epochs = calibrate_epochs(
+    plan = calibrate_epochs(
         lambda c, folder: Trainer(c, data, folder, model_config=model_config,
                                   log=lambda _msg: None),
-        config, config.time_budget_min, epochs=1, trial_out=trial)
-    log(f"{epochs} epochs fit the {config.time_budget_min:g} min budget (the "
+        config, config.time_budget_min, epochs=1, reuse_trial=True)
+    log(f"{plan.epochs} epochs fit the {config.time_budget_min:g} min budget (the "
         f"{config.schedule} schedule spans them; the run reuses the compiled steps)")
-    return dataclasses.replace(config, epochs=epochs, replan=True), trial[0]
+    return dataclasses.replace(config, epochs=plan.epochs, replan=True), plan.trial
 
 
 def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=None,

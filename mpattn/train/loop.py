@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +49,7 @@ from mpattn.train.targets import TargetTransform, element_counts
 
 __all__ = [
     "EpochLoop",
+    "EpochPlan",
     "Prepared",
     "TrainConfig",
     "Trainer",
@@ -489,8 +491,16 @@ class EpochLoop:
             w.writerows(self.history)
 
 
+class EpochPlan(NamedTuple):
+    """What :func:`calibrate_epochs` planned: the epochs that fit the budget, and the trial
+    trainer whose compiled steps the run reuses (None unless ``reuse_trial``)."""
+
+    epochs: int
+    trial: EpochLoop | None
+
+
 def calibrate_epochs(make_trainer, config, minutes: float, *, epochs: int = 3,
-                     trial_out: list | None = None) -> int:
+                     reuse_trial: bool = False) -> EpochPlan:
     """Epochs that fit ``minutes`` of training, timed on the whole epoch loop.
 
     ``make_trainer(config, workdir)`` builds a throwaway trainer (:class:`Trainer`,
@@ -503,9 +513,9 @@ def calibrate_epochs(make_trainer, config, minutes: float, *, epochs: int = 3,
     epoch's extra time is reserved for that. A schedule whose length is the number of epochs
     (cosine) then ends with the time budget instead of being cut by it.
 
-    With ``trial_out`` (a list) the trial trainer is appended to it and no compile is
-    reserved: the caller builds the real run on the trial's compiled steps
-    (``Trainer(..., compiled_from=trial)``).
+    With ``reuse_trial`` the plan keeps the trial trainer and reserves no compile: the caller
+    builds the real run on the trial's compiled steps (``Trainer(..., compiled_from=
+    plan.trial)``).
     """
     with tempfile.TemporaryDirectory(prefix="mpattn-calibrate-") as tmp:
         trial = make_trainer(dataclasses.replace(config, epochs=1, time_budget_min=None,
@@ -518,18 +528,17 @@ def calibrate_epochs(make_trainer, config, minutes: float, *, epochs: int = 3,
         trial.fit(progress=False)
         loop_s = (time.perf_counter() - t0) / epochs  # an epoch and its save
         row_s = float(np.mean([r["seconds"] for r in trial.history[1:]]))  # the epoch alone
-    if trial_out is not None:
-        trial_out.append(trial)
     save_s = max(loop_s - row_s, 0.0)
     every = config.checkpoint_every_s
     saves_per_epoch = 1.0 if every <= 0 else min(1.0, row_s / every)
-    compile_s = 0.0 if trial_out is not None else max(first_s - loop_s, 0.0)
+    compile_s = 0.0 if reuse_trial else max(first_s - loop_s, 0.0)
     # no safety margin: if the epochs run slower than timed, the budget drops the schedule's
     # last epoch, whose learning rate is near zero anyway, while a margin wastes whole epochs
     # (a 0.9 margin left 126 of 600 s unused on QM9: 9 epochs, 64.9 meV, against 57.3 with
     # 12 epochs of a schedule that the budget cut at half)
-    return max(1, round((60 * minutes - compile_s - save_s)
-                        / (row_s + saves_per_epoch * save_s)))
+    planned = max(1, round((60 * minutes - compile_s - save_s)
+                           / (row_s + saves_per_epoch * save_s)))
+    return EpochPlan(planned, trial if reuse_trial else None)
 
 
 class Trainer(EpochLoop):

@@ -214,9 +214,9 @@ def test_time_budgeted_run_plans_its_epochs_and_resume_keeps_the_plan(cache_file
     monkeypatch.setattr(experiment, "calibrate_epochs", recorded)
     work = tmp_path / "run"
     results = _run(cache_file, work, epochs=500, time_budget_min=0.1, plan_epochs=True)
-    (config, minutes, kw), planned = calls
+    (config, minutes, kw), (planned, trial) = calls
     assert minutes == 0.1 and kw["epochs"] == 1 and config.epochs == 500
-    assert len(kw["trial_out"]) == 1  # the trial whose compiled steps the run reused
+    assert kw["reuse_trial"] and trial is not None  # the run reused its compiled steps
     # the run re-fits the plan to its own pace in its first half (TrainConfig.replan)
     final = results["config"]["epochs"]
     assert 1 <= planned < 500 and 1 <= final < 500 and results["config"]["replan"]

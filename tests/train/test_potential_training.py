@@ -208,18 +208,18 @@ def test_calibrate_epochs_times_whole_epochs_in_a_throwaway_folder(tmp_path):
 
     # 3 s budget, saving every epoch: (3 - 0.3 - 0.05) / (0.1 + 0.05) = 17.7
     config = PotentialConfig(epochs=500, time_budget_min=0.05)
-    assert 16 <= calibrate_epochs(Sleepy, config, 0.05) <= 18
+    plan = calibrate_epochs(Sleepy, config, 0.05)
+    assert 16 <= plan.epochs <= 18 and plan.trial is None
     (trial,) = built
     assert len(trial.history) == 4 and trial.config.time_budget_min is None
     assert not trial.folder.exists()  # the throwaway checkpoints are gone
     assert config.epochs == 500  # the caller's config is untouched
     # a save per second of epochs: 2.65 / (0.1 + 0.1 * 0.05) = 25.2
     every = dataclasses.replace(config, checkpoint_every_s=1.0)
-    assert 23 <= calibrate_epochs(Sleepy, every, 0.05) <= 25
+    assert 23 <= calibrate_epochs(Sleepy, every, 0.05).epochs <= 25
     # the run reuses the trial's compiled steps: no compile to reserve, (3 - 0.05) / 0.15
-    trials: list = []
-    assert 18 <= calibrate_epochs(Sleepy, config, 0.05, trial_out=trials) <= 21
-    assert trials == built[-1:]
+    plan = calibrate_epochs(Sleepy, config, 0.05, reuse_trial=True)
+    assert 18 <= plan.epochs <= 21 and plan.trial is built[-1]
 
 
 def test_weight_decay_shrinks_the_potentials_weight_matrices(frames, tmp_path):
