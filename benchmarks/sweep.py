@@ -75,6 +75,11 @@ VARIANTS: dict[str, Variant] = {
     "vec64-ema4": Variant("vec64 evaluated with EMA decay 0.9999 instead of 0.999: weights "
                           "averaged over ~10 epochs at batch 16 rather than ~1",
                           VECTOR, ("--ema-decay", "0.9999")),
+    "vec64-sum": Variant("vec64 with PaiNN's summed vector messages instead of attention-"
+                         "weighted ones", VECTOR | {"vector_messages": "sum"}),
+    "vec64-silu": Variant("vec64-sum with unnormalised silu attention weights: scalar "
+                          "messages summed too (TorchMD-Net ET style)",
+                          VECTOR | {"vector_messages": "sum", "attention_weights": "silu"}),
 }
 DEFAULT_VARIANTS = ("vec64", "vec128", "vec64-wd", "vec64-b32")
 

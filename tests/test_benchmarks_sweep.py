@@ -166,3 +166,13 @@ def test_on_a_cpu_each_run_gets_its_own_core(tmp_path, capsys, monkeypatch):
     for work in (tmp_path / "res").iterdir():  # one after the other, on the one core
         log = (work / "log.txt").read_text()
         assert f"cores [{core}] flags" in log and sweep.ONE_THREAD in log
+
+
+def test_every_variant_builds_a_valid_model_config():
+    """A typo in a variant's model config would only show when its run starts."""
+    from mpattn.models import default_config
+
+    for name, variant in sweep.VARIANTS.items():
+        config = default_config("attention_potential", **variant.model_config)
+        for key, value in variant.model_config.items():
+            assert getattr(config, key) == value, name
