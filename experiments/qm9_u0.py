@@ -73,6 +73,12 @@ def parse(argv=None) -> argparse.Namespace:
                     help="most recent checkpoints kept besides the best (default 3)")
     ap.add_argument("--weight-decay", type=float,
                     help="AdamW decay of the weight matrices (default 0: Adam)")
+    ap.add_argument("--denoise-sigma", type=float,
+                    help="noisy-nodes regularisation: Gaussian noise of this many Å on the "
+                    "training positions and an auxiliary loss that predicts it (needs "
+                    "vector_features; e.g. 0.02; default 0: off)")
+    ap.add_argument("--denoise-weight", type=float,
+                    help="weight of the denoising loss (default 0.1)")
     ap.add_argument("--min-atoms", type=int, help="train only on molecules this large or more")
     ap.add_argument("--max-atoms", type=int, help="train only on molecules this large or less")
     ap.add_argument("--cap-per-size", type=int,
@@ -116,7 +122,8 @@ def main(argv=None) -> int:
               "num_devices": args.num_devices, "steps_per_call": args.steps_per_call,
               "weighting": args.weighting,
               "weight_r": args.weight_r, "ema_decay": args.ema_decay,
-              "weight_decay": args.weight_decay,
+              "weight_decay": args.weight_decay, "denoise_sigma": args.denoise_sigma,
+              "denoise_weight": args.denoise_weight,
               "checkpoint_every_s": args.checkpoint_every_s,
               "keep_checkpoints": args.keep_checkpoints,
               "min_atoms": args.min_atoms, "max_atoms": args.max_atoms,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jax.numpy as jnp
 import jraph
 import numpy as np
 
@@ -243,17 +244,23 @@ def pad_batch(gs: GraphSet, index: np.ndarray, budget: Budget) -> jraph.GraphsTu
 def node_mask(graph: jraph.GraphsTuple):
     """bool[num_nodes]: True for real nodes of a graph padded as by ``pad_with_graphs``.
 
-    Works on numpy and jax arrays and inside ``jax.jit`` (the size comes from the static shape
-    of the first node field); returns a jax array.
+    Works on numpy and jax arrays and inside ``jax.jit``, also on a numpy graph closed over
+    there (the size comes from the static shape of the first node field); returns a jax array.
     """
-    return jraph.get_node_padding_mask(graph)
+    return jraph.get_node_padding_mask(_jax_counts(graph))
 
 
 def edge_mask(graph: jraph.GraphsTuple):
     """bool[num_edges]: True for real edges of a padded graph (size from ``senders.shape``)."""
-    return jraph.get_edge_padding_mask(graph)
+    return jraph.get_edge_padding_mask(_jax_counts(graph))
 
 
 def graph_mask(graph: jraph.GraphsTuple):
     """bool[num_graphs]: True for real graphs, False for the padding graph and empty graphs."""
-    return jraph.get_graph_padding_mask(graph)
+    return jraph.get_graph_padding_mask(_jax_counts(graph))
+
+
+def _jax_counts(graph: jraph.GraphsTuple) -> jraph.GraphsTuple:
+    """``n_node``/``n_edge`` as jax arrays: jraph indexes them with a jax index, which a
+    numpy array refuses inside ``jax.jit``."""
+    return graph._replace(n_node=jnp.asarray(graph.n_node), n_edge=jnp.asarray(graph.n_edge))

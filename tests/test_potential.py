@@ -206,6 +206,28 @@ def test_vector_features_mirror_image_and_use(x64, pots):
                                + (2 * d + 1) * d + (d + 1) * 3 * d)
 
 
+def test_denoising_head_rotates_with_the_molecule(x64):
+    """The denoising head's 3-vector per atom is equivariant: rotating (and translating) the
+    input rotates it; the energy beside it equals the plain call's."""
+    model = AttentionPotential(dataclasses.replace(CFG, vector_features=True, denoise=True),
+                               rngs=nnx.Rngs(1))
+    a = ethanol()
+    rot = random_rotation(np.random.default_rng(3))
+    graph = pad([radius_graph(a.numbers, p, 5.0)
+                 for p in (a.positions, a.positions @ rot.T + 1.5)], dtype=np.float64)
+    energy, noise = model(graph, denoise=True)
+    noise = np.asarray(noise)
+    np.testing.assert_allclose(energy, model(graph), rtol=1e-12)
+    np.testing.assert_allclose(noise[9:18], noise[:9] @ rot.T, atol=1e-10)
+    assert np.abs(noise[:9]).max() > 1e-3
+    with pytest.raises(ValueError, match="denoise=True needs a model built with denoise"):
+        pots_model = AttentionPotential(dataclasses.replace(CFG, vector_features=True),
+                                        rngs=nnx.Rngs(1))
+        pots_model(graph, denoise=True)
+    with pytest.raises(ValueError, match="denoise needs vector_features=True"):
+        dataclasses.replace(CFG, denoise=True)
+
+
 # ------------------------------------------------------------------ smoothness at the cutoff
 
 

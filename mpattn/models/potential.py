@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from ase.data import atomic_numbers, chemical_symbols
 from flax import nnx
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float, Int
 
 from mpattn.graph import graph_mask, node_mask
 from mpattn.models.common import graph_inputs
@@ -56,11 +56,6 @@ __all__ = [
     "force_metrics",
     "smooth_graph_attention",
 ]
-
-
-def _node_mask(graph: jraph.GraphsTuple) -> Bool[Array, " num_nodes"]:
-    """:func:`mpattn.graph.node_mask`, also for a numpy graph closed over inside ``jit``."""
-    return node_mask(graph._replace(n_node=jnp.asarray(graph.n_node)))
 
 
 # ------------------------------------------------------------------ smooth attention, model
@@ -146,6 +141,9 @@ class AttentionPotentialConfig:
     ``attention_weights="silu"`` replaces the normalised weights of
     :func:`smooth_graph_attention` by ``silu(l_e) f(r_e) / SUM_NEIGHBOURS``: unnormalised, so
     messages are summed, not averaged (as in TorchMD-Net's equivariant transformer).
+    ``denoise=True`` (needs ``vector_features``) adds an equivariant head that reads a 3-vector
+    per atom off the final vector channels: ``model(graph, denoise=True)`` returns it beside
+    the energies, for the denoising auxiliary loss of ``TrainConfig.denoise_sigma``.
     """
 
     dim: int = 64
@@ -162,8 +160,12 @@ class AttentionPotentialConfig:
     vector_features: bool = False
     vector_messages: str = "attention"
     attention_weights: str = "softmax"
+    denoise: bool = False
 
     def __post_init__(self) -> None:
+        if self.denoise and not self.vector_features:
+            raise ValueError("denoise needs vector_features=True (the noise is read off the "
+                             "vector channels)")
         if self.attention_weights not in ("softmax", "silu"):
             raise ValueError(f"attention_weights must be 'softmax' or 'silu', got "
                              f"{self.attention_weights!r}")
@@ -247,6 +249,9 @@ class AttentionPotential(nnx.Module):
             self.vec_w = per_step(lambda: nnx.Linear(c.dim, c.dim, use_bias=False, rngs=rngs))
             self.vec_gate_in = per_step(lambda: nnx.Linear(2 * c.dim, c.dim, rngs=rngs))
             self.vec_gate_out = per_step(lambda: nnx.Linear(c.dim, 3 * c.dim, rngs=rngs))
+        # equivariant channel mix V [3, dim] -> [3]: no bias
+        self.denoise_head = nnx.Linear(c.dim, 1, use_bias=False, rngs=rngs) if c.denoise \
+            else None
         self.final_norm = nnx.LayerNorm(c.dim, rngs=rngs)
         self.readout = SumReadout(c.dim, 1, hidden=c.dim // 2,
                                   activation=ACTIVATIONS[c.activation], rngs=rngs)
@@ -311,9 +316,17 @@ class AttentionPotential(nnx.Module):
         h = h + g_sv * jnp.sum(uv * wv, axis=1) + g_ss
         return h, vec
 
-    def __call__(self, graph: jraph.GraphsTuple, *, per_atom: bool = False):
-        """Energies [num_graphs] (and per-atom energies [num_nodes] with ``per_atom``)."""
+    def __call__(self, graph: jraph.GraphsTuple, *, per_atom: bool = False,
+                 denoise: bool = False):
+        """Energies [num_graphs] (and per-atom energies [num_nodes] with ``per_atom``).
+
+        With ``denoise`` (a model built with ``denoise=True``): ``(energies, noise)``, where
+        ``noise`` [num_nodes, 3] is the denoising head's prediction (rotates with the input).
+        """
         c = self.config
+        if denoise and (self.denoise_head is None or per_atom):
+            raise ValueError("denoise=True needs a model built with denoise=True, and not "
+                             "per_atom")
         act = ACTIVATIONS[c.activation]
         g = graph_inputs(graph)
         # symmetric edges (edges["pair"]): the radial networks run once per unordered pair
@@ -334,8 +347,9 @@ class AttentionPotential(nnx.Module):
             if c.vector_features:
                 h, vec = self._vector_block(t, x, h, vec, alpha, envelope, unit, g, rbf)
             h = h + self.ff_out[t](act(self.ff_in[t](self.ff_norms[t](h))))
-        return self.readout(self.final_norm(h), g.n_node, mask=_node_mask(graph),
-                            per_atom=per_atom)
+        out = self.readout(self.final_norm(h), g.n_node, mask=node_mask(graph),
+                           per_atom=per_atom)
+        return (out, self.denoise_head(vec)[..., 0]) if denoise else out
 
 
 def _per_edge(v, g):
@@ -528,7 +542,7 @@ class Potential(nnx.Module):
         if reference:
             z = jnp.asarray(graph.nodes["z"]).astype(jnp.int32)
             atom = atom + jnp.take(self.table[...], z, mode="fill", fill_value=jnp.nan)
-        atom = jnp.where(_node_mask(graph), atom, 0)
+        atom = jnp.where(node_mask(graph), atom, 0)
         energy = sum_readout(atom, jnp.asarray(graph.n_node))
         return (energy, atom) if per_atom else energy
 
@@ -558,7 +572,7 @@ def energy_and_forces(potential, graph: jraph.GraphsTuple, *, reference: bool = 
 
     pos = jnp.asarray(graph.nodes["positions"])
     (_, energy), grad = jax.value_and_grad(total, has_aux=True)(pos)
-    forces = jnp.where(_node_mask(graph)[:, None], -grad, 0)
+    forces = jnp.where(node_mask(graph)[:, None], -grad, 0)
     return energy, forces
 
 
@@ -596,7 +610,7 @@ def energy_force_loss(pred_e: Float[Array, " num_graphs"], pred_f: Float[Array, 
                          f"true_e {jnp.shape(true_e)}, pred_f {jnp.shape(pred_f)}, true_f "
                          f"{jnp.shape(true_f)}")
     pred_e, pred_f, true_e, true_f = map(jnp.asarray, (pred_e, pred_f, true_e, true_f))
-    gm, nm = graph_mask(graph), _node_mask(graph)[:, None]
+    gm, nm = graph_mask(graph), node_mask(graph)[:, None]
     n_node = jnp.asarray(graph.n_node)
     de = jnp.where(gm, pred_e, 0) - jnp.where(gm, true_e, 0).astype(pred_e.dtype)
     df = jnp.where(nm, pred_f, 0) - jnp.where(nm, true_f, 0).astype(pred_f.dtype)

@@ -32,7 +32,7 @@ from mpattn.data.loader import BatchLoader, derive_budgets
 from mpattn.data.molecules import MoleculeSet
 from mpattn.data.qm9 import Split
 from mpattn.featurize import FeaturizeOptions
-from mpattn.graph import graph_mask
+from mpattn.graph import graph_mask, node_mask
 from mpattn.models import create_model, default_config
 from mpattn.train.checkpoint import Checkpointer
 from mpattn.train.distributed import agree, is_primary, process_positions
@@ -104,6 +104,13 @@ class TrainConfig:
     # re-fit the schedule's length to the epochs that still fit the budget at the measured
     # pace (run_qm9 sets it for runs whose epochs it planned; see EpochLoop.fit)
     replan: bool = False
+    # > 0: denoising auxiliary ("noisy nodes", Godwin et al., ICLR 2022): every training batch
+    # gets Gaussian noise of this many Å on its positions, the energy loss reads the noisy
+    # batch, and the model also predicts the noise (in units of sigma) with weight
+    # denoise_weight on the mean squared error; needs a model with a denoising head
+    # (attention_potential with vector_features; build_carry turns its head on)
+    denoise_sigma: float = 0.0
+    denoise_weight: float = 0.1
 
 
 @dataclass
@@ -175,6 +182,15 @@ def build_carry(config: TrainConfig, model_config, *, steps_per_epoch: int):
         updates and checkpoints hold: ``{"params", "rest", "opt", "step"[, "ema"]}``. Its
         structure depends only on the configs, so it is also the restore template.
     """
+    if config.denoise_sigma < 0 or config.denoise_weight < 0:
+        raise ValueError(f"denoise_sigma and denoise_weight must be >= 0, got "
+                         f"{config.denoise_sigma}, {config.denoise_weight}")
+    if config.denoise_sigma > 0:
+        if not getattr(model_config, "vector_features", False):
+            raise ValueError(f"denoise_sigma={config.denoise_sigma} needs a model with a "
+                             "denoising head: attention_potential with vector_features, got "
+                             f"{config.model}")
+        model_config = dataclasses.replace(model_config, denoise=True)
     model = create_model(config.model, rngs=nnx.Rngs(config.seed), config=model_config)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     optimizer = make_optimizer(config.lr, schedule=config.schedule,
@@ -279,6 +295,22 @@ def jit_carry(fn: Callable, treedef=None) -> Callable:
     return jax.jit(flat, donate_argnums=0)
 
 
+def add_position_noise(graph, key, sigma: float):
+    """``graph`` with ``sigma`` (Å) times standard normal noise on the real atoms' positions,
+    and the noise in units of ``sigma`` [num_nodes, 3] (0 on padding nodes)."""
+    pos = jnp.asarray(graph.nodes["positions"])
+    noise = jnp.where(node_mask(graph)[:, None],
+                      jax.random.normal(key, pos.shape, pos.dtype), 0.0)
+    return graph._replace(nodes={**graph.nodes, "positions": pos + sigma * noise}), noise
+
+
+def masked_node_mean(values, graph):
+    """Mean over the real nodes of ``values`` [num_nodes, ...] summed over trailing axes."""
+    per_node = jnp.sum(values.reshape(values.shape[0], -1), axis=1)
+    mask = node_mask(graph)
+    return jnp.sum(jnp.where(mask, per_node, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
 def make_train_step(graphdef, optimizer, config: TrainConfig, *, scan: bool = False,
                     treedef=None):
     """The jit-compiled train step ``(carry, graphs) -> (carry, loss)`` (carry donated).
@@ -300,25 +332,38 @@ def make_train_step(graphdef, optimizer, config: TrainConfig, *, scan: bool = Fa
     """
     c = config
 
-    def batch_loss(params, rest, graph):
-        pred = nnx.merge(graphdef, params, rest)(graph)
+    def batch_loss(params, rest, graph, key):
+        model = nnx.merge(graphdef, params, rest)
         mask = graph_mask(graph)
+        aux = 0.0
+        if c.denoise_sigma > 0:
+            graph, noise = add_position_noise(graph, key, c.denoise_sigma)
+            pred, guess = model(graph, denoise=True)
+            aux = c.denoise_weight * masked_node_mean(jnp.square(guess - noise), graph)
+        else:
+            pred = model(graph)
         loss = loss_value(c.loss, pred, graph.globals["y"], mask, graph.n_node,
-                          weighting=c.weighting, r=c.weight_r)
+                          weighting=c.weighting, r=c.weight_r) + aux
         weight = jnp.sum(jnp.where(mask, graph_weights(c.weighting, graph.n_node,
                                                        r=c.weight_r), 0.0))
         return loss * weight, weight
 
-    def loss_fn(params, rest, graphs):
+    def loss_fn(params, rest, graphs, step):
+        # the noise of step s, batch d: a key of (seed, s, d), so resuming repeats it exactly
+        keys = jax.random.split(jax.random.fold_in(jax.random.key(c.seed), step),
+                                graphs.n_node.shape[0])
         if graphs.n_node.shape[0] == 1:  # one batch: no vmap (a vmapped step of one batch
             # runs its scatters batched, 40% slower on a CPU)
-            total, weight = batch_loss(params, rest, jax.tree.map(lambda x: x[0], graphs))
+            total, weight = batch_loss(params, rest, jax.tree.map(lambda x: x[0], graphs),
+                                       keys[0])
             return total / jnp.maximum(weight, 1e-12)
-        totals, weights = jax.vmap(batch_loss, in_axes=(None, None, 0))(params, rest, graphs)
+        totals, weights = jax.vmap(batch_loss, in_axes=(None, None, 0, 0))(params, rest,
+                                                                         graphs, keys)
         return jnp.sum(totals) / jnp.maximum(jnp.sum(weights), 1e-12)
 
     def train_step(carry, graphs):
-        loss, grads = jax.value_and_grad(loss_fn)(carry["params"], carry["rest"], graphs)
+        loss, grads = jax.value_and_grad(loss_fn)(carry["params"], carry["rest"], graphs,
+                                                  carry["step"])
         return apply_gradients(carry, grads, loss, optimizer, c.ema_decay), loss
 
     def train_steps(carry, steps):

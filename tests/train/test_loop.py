@@ -473,3 +473,72 @@ def test_trainer_steps_take_the_carry_as_flat_leaves(qm9_molset, tmp_path):
     assert set(carry) == {"params", "rest", "opt", "step"}
     assert int(carry["step"]) == trainer.steps_per_epoch
     assert jax.tree.structure(carry) == trainer.carry_def
+
+
+def test_denoising_learns_to_predict_the_noise(qm9_molset):
+    """``denoise_sigma``: the batch's real atoms get noise from a key (the same key, the same
+    noise: the train step keys it by (seed, step), so resuming repeats it), padding atoms
+    none; the train step trains the head; Adam steps on the denoising loss alone teach it to predict
+    part of noise it has never seen; bad settings are refused."""
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from mpattn.data.loader import BatchLoader
+    from mpattn.graph import node_mask
+    from mpattn.models import default_config
+    from mpattn.train.loop import (
+        add_position_noise,
+        build_carry,
+        make_train_step,
+        masked_node_mean,
+        stack_batches,
+    )
+
+    small = default_config("attention_potential", dim=16, num_heads=2, head_dim=8, steps=2,
+                           ff_dim=32, num_rbf=8, vector_features=True)
+    cfg = _config(model="attention_potential", epochs=1, denoise_sigma=0.05)
+    data = prepare(qm9_molset, make_split(qm9_molset.ids, sizes=SIZES, seed=1), cfg)
+    batch = next(iter(BatchLoader(data.train.graphs, 32, prefetch=0, shuffle=False)))
+    noisy, noise = add_position_noise(batch, jax.random.key(7), 0.05)
+    moved = np.asarray(noisy.nodes["positions"]) - np.asarray(batch.nodes["positions"])
+    real = np.asarray(node_mask(batch))
+    assert not moved[~real].any() and np.all(moved[real] != 0)
+    assert np.std(moved[real]) == pytest.approx(0.05, rel=0.1)
+    again, _ = add_position_noise(batch, jax.random.key(7), 0.05)
+    np.testing.assert_array_equal(again.nodes["positions"], noisy.nodes["positions"])
+
+    # the train step: build_carry turns the head on, the auxiliary loss reaches it
+    _, graphdef, optimizer, carry = build_carry(cfg, small, steps_per_epoch=1)
+    head = np.asarray(carry["params"]["denoise_head"]["kernel"][...])
+    train_step = make_train_step(graphdef, optimizer, cfg)
+    trained, loss = train_step(jax.tree.map(jnp.copy, carry), stack_batches([batch]))
+    assert np.isfinite(float(loss))
+    assert np.abs(trained["params"]["denoise_head"]["kernel"][...] - head).min() > 0
+
+    opt = optax.adam(3e-3)
+
+    def error(params, key):  # mean squared error per component, in units of sigma
+        g, eps = add_position_noise(batch, key, 0.05)
+        _, guess = nnx.merge(graphdef, params, carry["rest"])(g, denoise=True)
+        return masked_node_mean(jnp.square(guess - eps), g) / 3
+
+    @jax.jit
+    def step(params, state, key):
+        grads = jax.grad(error)(params, key)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    params, state = carry["params"], opt.init(carry["params"])
+    before = float(error(params, jax.random.key(-1)))
+    for i in range(150):
+        params, state = step(params, state, jax.random.key(i))
+    after = float(np.mean([error(params, jax.random.key(-k)) for k in range(1, 4)]))
+    assert after < 0.9 < before  # 1: the error of predicting no noise
+
+    with pytest.raises(ValueError, match="needs a model with a denoising head"):
+        build_carry(_config(denoise_sigma=0.02), default_config("schnet", **TINY),
+                    steps_per_epoch=1)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        build_carry(_config(model="attention_potential", denoise_sigma=-0.1), small,
+                    steps_per_epoch=1)
