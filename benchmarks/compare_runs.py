@@ -12,6 +12,10 @@ checkpoint's config when ``results.json`` is not there yet. Validation MAEs at t
 compare runs with the same planned epochs (the same cosine schedule at that epoch); the table
 shows each run's plan so that a reader can tell.
 
+When two or more of the runs have finished (their ``predictions.csv`` holds val and test
+predictions per molecule) and share a split, the table adds the MAE of their ensemble (the
+mean prediction) on val and test; runs of another split are left out of it, named.
+
 Prints the table and writes ``benchmarks/results/compare-<device>-<date>.json`` (the table's
 numbers) and ``.png`` (validation MAE per epoch, or per hour of training with ``--x hours``,
 log scale) unless ``--no-save``; ``--out`` names the figure instead.
@@ -29,7 +33,7 @@ from pathlib import Path
 
 from benchmarks.common import write_result
 
-__all__ = ["Run", "METRICS", "compare", "main", "plot", "read_run", "table"]
+__all__ = ["Run", "METRICS", "compare", "ensemble_of", "main", "plot", "read_run", "table"]
 
 #: the validation column of each trainer's metrics.csv and the matching test entry, in order
 #: of preference (QM9 runs, then potentials)
@@ -145,7 +149,30 @@ def compare(runs: list[Run], at: list[int]) -> dict:
             "val_at": {str(e): run.at(e) for e in at},
             "best_val": best, "best_epoch": best_epoch, "test": run.test,
         })
-    return {"at_epochs": list(at), "runs": out}
+    return {"at_epochs": list(at), "runs": out, "ensemble": ensemble_of(runs)}
+
+
+def ensemble_of(runs: list[Run]) -> dict | None:
+    """MAEs of the mean prediction of the finished runs (those with ``predictions.csv``) that
+    share the first one's split; None if fewer than two. ``left_out`` names the others."""
+    from benchmarks.sweep import ensemble
+    from mpattn.train.report import read_predictions
+
+    preds = {run.label: read_predictions(run.path / "predictions.csv") for run in runs
+             if (run.path / "predictions.csv").is_file()}
+    if len(preds) < 2:
+        return None
+    (first, ref), *others = preds.items()
+    members, left_out = {first: ref}, []
+    for label, p in others:
+        try:
+            ensemble({first: ref, label: p})  # raises for another split
+            members[label] = p
+        except ValueError:
+            left_out.append(label)
+    if len(members) < 2:
+        return {"members": list(members), "left_out": left_out}
+    return {**ensemble(members), "left_out": left_out}
 
 
 def table(summary: dict) -> str:
@@ -169,6 +196,12 @@ def table(summary: dict) -> str:
     text = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
                       enumerate(zip(row, widths, strict=True))) for row in lines]
     text.insert(1, "-" * len(text[0]))
+    ens = summary.get("ensemble")
+    if ens and "val" in ens:
+        text.append(f"ensemble of {', '.join(ens['members'])} (mean prediction): val "
+                    f"{ens['val']['mae_mev']:.2f}, test {ens['test']['mae_mev']:.2f}")
+    if ens and ens["left_out"]:
+        text.append(f"not in the ensemble (another split): {', '.join(ens['left_out'])}")
     return "\n".join(text + [f"(validation and test MAE in {', '.join(units)}; epochs: done / "
                              "planned; hours: training time summed over epochs)"])
 

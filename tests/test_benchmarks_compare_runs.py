@@ -68,3 +68,34 @@ def test_main_prints_and_draws(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "val@1" in printed and "val@3" in printed and f"wrote {out}" in printed
     assert out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_finished_runs_of_one_split_are_ensembled(tmp_path):
+    """The table adds the mean prediction's MAE of the finished runs of the first run's split
+    (hand-computed), names a run of another split, and has no ensemble below two runs."""
+    import numpy as np
+
+    from mpattn.train.report import write_predictions
+
+    def finished(name, pred_val, pred_test, ids=(1, 2)):
+        folder = _run(tmp_path / name, [50.0], results={"config": {"epochs": 1}})
+        true = np.array([1.0, 2.0])
+        write_predictions(folder / "predictions.csv", {
+            "val": (np.array(ids), np.array([5, 6]), true, np.asarray(pred_val)),
+            "test": (np.array(ids) + 10, np.array([5, 6]), true, np.asarray(pred_test))})
+        return folder
+
+    a = finished("a", [1.010, 2.000], [1.0, 2.030])
+    b = finished("b", [0.990, 2.020], [1.0, 1.990])
+    c = finished("c", [1.0, 2.0], [1.0, 2.0], ids=(3, 4))
+    going = _run(tmp_path / "going", [70.0])
+    s = compare([read_run(x) for x in (a, going, b, c)], [1])
+    ens = s["ensemble"]
+    assert ens["members"] == ["a", "b"] and ens["left_out"] == ["c"]
+    # mean predictions: val (1.000, 2.010) -> MAE 5 meV; test (1.000, 2.010) -> 5 meV
+    assert ens["val"]["mae_mev"] == pytest.approx(5.0)
+    assert ens["test"]["mae_mev"] == pytest.approx(5.0)
+    text = table(s)
+    assert "ensemble of a, b (mean prediction): val 5.00, test 5.00" in text
+    assert "not in the ensemble (another split): c" in text
+    assert compare([read_run(a), read_run(going)], [1])["ensemble"] is None
