@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from mpattn.train.distributed import is_primary
-from mpattn.train.loop import TrainConfig, Trainer, calibrate_epochs, prepare
+from mpattn.train.loop import (
+    TrainConfig,
+    Trainer,
+    calibrate_epochs,
+    prepare,
+    with_denoise_head,
+)
 from mpattn.train.report import (
     plot_curves,
     plot_parity,
@@ -152,6 +158,10 @@ def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=
             raise ValueError(f"--resume: {workdir} holds no checkpoints/ folder (nothing to "
                              "resume); run without --resume to start")
         split_file = split_file or workdir / "split.json"
+    preset_models = PRESETS[preset].models if preset in PRESETS else {}
+    model_config = default_config(config.model, **{**preset_models.get(config.model, {}),
+                                                   **(model_overrides or {})})
+    with_denoise_head(config, model_config)  # bad settings fail before the data loads
     workdir.mkdir(parents=True, exist_ok=True)
     ms = load_molset(Path(dataset_cache)) if dataset_cache else load_qm9(progress=progress,
                                                                           log=log)
@@ -163,9 +173,6 @@ def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=
         save_split(split, workdir / "split.json")
     log(f"split: {len(split.train):,} train / {len(split.val):,} val / {len(split.test):,} test")
     data = prepare(ms, split, config)
-    preset_models = PRESETS[preset].models if preset in PRESETS else {}
-    model_config = default_config(config.model, **{**preset_models.get(config.model, {}),
-                                                   **(model_overrides or {})})
     trial = None
     if plan_epochs and config.time_budget_min:
         config, trial = _planned(config, data, workdir, model_config, resume=resume, log=log)

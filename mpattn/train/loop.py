@@ -59,6 +59,7 @@ __all__ = [
     "data_mesh",
     "jit_carry",
     "make_train_step",
+    "with_denoise_head",
     "prepare",
     "stack_batches",
     "stack_steps",
@@ -174,6 +175,21 @@ def prepare(ms: MoleculeSet, split: Split, config: TrainConfig) -> Prepared:
     return Prepared(out["train"], out["val"], out["test"], transform)
 
 
+def with_denoise_head(config: TrainConfig, model_config):
+    """``model_config`` with its denoising head on when ``config.denoise_sigma`` > 0 (the
+    model config unchanged otherwise); ValueError for bad settings or a model without one."""
+    if config.denoise_sigma < 0 or config.denoise_weight < 0:
+        raise ValueError(f"denoise_sigma and denoise_weight must be >= 0, got "
+                         f"{config.denoise_sigma}, {config.denoise_weight}")
+    if config.denoise_sigma == 0:
+        return model_config
+    if not getattr(model_config, "vector_features", False):
+        raise ValueError(f"denoise_sigma={config.denoise_sigma} needs a model with a denoising "
+                         "head: attention_potential with vector_features (--model-config "
+                         f"'{{\"vector_features\": true}}'), got {config.model}")
+    return dataclasses.replace(model_config, denoise=True)
+
+
 def build_carry(config: TrainConfig, model_config, *, steps_per_epoch: int):
     """A fresh model and training state for ``config``.
 
@@ -182,15 +198,7 @@ def build_carry(config: TrainConfig, model_config, *, steps_per_epoch: int):
         updates and checkpoints hold: ``{"params", "rest", "opt", "step"[, "ema"]}``. Its
         structure depends only on the configs, so it is also the restore template.
     """
-    if config.denoise_sigma < 0 or config.denoise_weight < 0:
-        raise ValueError(f"denoise_sigma and denoise_weight must be >= 0, got "
-                         f"{config.denoise_sigma}, {config.denoise_weight}")
-    if config.denoise_sigma > 0:
-        if not getattr(model_config, "vector_features", False):
-            raise ValueError(f"denoise_sigma={config.denoise_sigma} needs a model with a "
-                             "denoising head: attention_potential with vector_features, got "
-                             f"{config.model}")
-        model_config = dataclasses.replace(model_config, denoise=True)
+    model_config = with_denoise_head(config, model_config)
     model = create_model(config.model, rngs=nnx.Rngs(config.seed), config=model_config)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     optimizer = make_optimizer(config.lr, schedule=config.schedule,

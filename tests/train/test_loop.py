@@ -164,6 +164,10 @@ def test_command_line_errors(capsys, tmp_path):
     # a hand-set multi-process run needs all three of coordinator, processes and index
     assert main(["--coordinator", "127.0.0.1:1", "--num-processes", "2"]) == 2
     assert "give all of coordinator, num_processes and process_id" in capsys.readouterr().err
+    # denoising needs the vector channels: refused before any data is read
+    assert main(["--denoise-sigma", "0.02", "--workdir", str(tmp_path / "dn"),
+                 "--dataset-cache", str(tmp_path / "absent.npz")]) == 2
+    assert "needs a model with a denoising head" in capsys.readouterr().err
 
 
 def test_size_sampling_options_apply_to_training_only(qm9_molset):
