@@ -54,15 +54,17 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "TrainingDiverged",
+    "add_position_noise",
     "build_carry",
     "calibrate_epochs",
     "data_mesh",
     "jit_carry",
     "make_train_step",
-    "with_denoise_head",
+    "masked_node_mean",
     "prepare",
     "stack_batches",
     "stack_steps",
+    "with_denoise_head",
 ]
 
 ELEMENTS = (1, 6, 7, 8, 9)
