@@ -18,6 +18,7 @@ from flax import nnx
 from mpattn.featurize import radius_edges
 from mpattn.graph import edge_pairs, graph_mask
 from mpattn.models.potential import (
+    SUM_NEIGHBOURS,
     AttentionPotential,
     AttentionPotentialConfig,
     Potential,
@@ -280,6 +281,29 @@ def test_smooth_graph_attention_by_hand():
     np.testing.assert_allclose(alpha, want_alpha, rtol=1e-5, atol=1e-7)
     assert alpha[3].tolist() == [0.0, 0.0]  # envelope 0: weight exactly 0
     np.testing.assert_array_equal(got[2], 0.0)  # no neighbours: nothing, not NaN
+
+
+def test_smooth_graph_attention_silu_by_hand():
+    """``weights="silu"``: unnormalised ``silu(l) f(r) / 16``, golden values from numpy."""
+    rng = np.random.default_rng(6)
+    q, k, v = rng.normal(size=(3, 3, 2, 4))
+    senders, receivers = np.array([1, 2, 0, 2]), np.array([0, 0, 1, 1])
+    env, bias = np.array([0.9, 0.3, 1.0, 0.0]), rng.normal(size=(4, 2))
+    got, alpha = smooth_graph_attention(
+        *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), senders=senders,
+        receivers=receivers, num_segments=3, envelope=jnp.asarray(env, jnp.float32),
+        bias=jnp.asarray(bias, jnp.float32), return_weights=True, weights="silu")
+    logit = np.einsum("ehd,ehd->eh", q[receivers], k[senders]) / 2 + bias
+    want_alpha = logit / (1 + np.exp(-logit)) * env[:, None] / SUM_NEIGHBOURS
+    want = np.zeros((3, 2, 4))
+    np.add.at(want, receivers, want_alpha[..., None] * v[senders])
+    np.testing.assert_allclose(alpha, want_alpha, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert alpha[3].tolist() == [0.0, 0.0]
+    assert abs(want_alpha[:2].sum(0) - 1).min() > 0.05  # not normalised
+    with pytest.raises(ValueError, match="weights must be 'softmax' or 'silu', got 'relu'"):
+        smooth_graph_attention(q, k, v, senders=senders, receivers=receivers, num_segments=3,
+                               envelope=env, weights="relu")
 
 
 # ------------------------------------------------------------------ padding

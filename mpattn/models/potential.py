@@ -61,6 +61,13 @@ __all__ = [
 # ------------------------------------------------------------------ smooth attention, model
 
 
+SUM_NEIGHBOURS = 16.0
+"""Divisor of summed vector messages (``vector_messages="sum"``) and of the ``"silu"``
+attention weights: about the mean number of
+neighbours within 5 Å in QM9 (15.6 over 3,000 random molecules; their envelopes sum to 9.5),
+so that the summed weights start near the attention's (which sum to less than 1)."""
+
+
 def smooth_graph_attention(
     q: Float[Array, "num_nodes num_heads head_dim"],
     k: Float[Array, "num_nodes num_heads head_dim"],
@@ -73,6 +80,7 @@ def smooth_graph_attention(
     bias: Float[Array, "num_edges num_heads"] | None = None,
     value_filter: Float[Array, "num_edges num_heads features"] | None = None,
     return_weights: bool = False,
+    weights: str = "softmax",
 ):
     """Graph attention whose output is smooth when a neighbour crosses the cutoff.
 
@@ -88,6 +96,10 @@ def smooth_graph_attention(
     (beyond the cutoff) get weight exactly 0. An optional ``value_filter`` [E, H, F]
     multiplies the values per edge (SchNet's continuous filter ``v[s_e] ⊙ W(r_e)``).
 
+    ``weights="silu"`` drops the normalisation: ``alpha[e] = silu(l_e) f(r_e) /``
+    :data:`SUM_NEIGHBOURS`, so messages are summed, not averaged (TorchMD-Net's equivariant
+    transformer); the envelope alone makes them fade at the cutoff.
+
     Args:
         q, k: [num_nodes, num_heads, head_dim] queries (read at receivers), keys (senders).
         v: [num_nodes, num_heads, features] values (read at senders).
@@ -97,6 +109,7 @@ def smooth_graph_attention(
         bias: optional [num_edges, num_heads] additive logit bias.
         value_filter: optional [num_edges, num_heads, features] per-edge value filter.
         return_weights: also return ``alpha`` [num_edges, num_heads].
+        weights: ``"softmax"`` (the normalised weights above) or ``"silu"``.
 
     Returns:
         [num_segments, num_heads, features] ``Σ_e alpha[e] v[s_e] (⊙ filter[e])`` (0 for a
@@ -107,6 +120,19 @@ def smooth_graph_attention(
     if bias is not None:
         logits = logits + bias
     env = envelope[:, None]
+    if weights == "silu":
+        alpha = jax.nn.silu(logits) * (env / SUM_NEIGHBOURS)
+    elif weights == "softmax":
+        alpha = _smooth_softmax(logits, env, receivers, num_segments)
+    else:
+        raise ValueError(f"weights must be 'softmax' or 'silu', got {weights!r}")
+    values = v[senders] if value_filter is None else v[senders] * value_filter
+    out = segment_sum(alpha[..., None] * values, receivers, num_segments=num_segments)
+    return (out, alpha) if return_weights else out
+
+
+def _smooth_softmax(logits, env, receivers, num_segments):
+    """``f e^l / (1 + Σ f e^l)`` per receiver, overflow-safe (see smooth_graph_attention)."""
     active = env > 0
     seg_max = segment_max(jnp.where(active, logits, -jnp.inf), receivers,
                           num_segments=num_segments)  # 0 for nodes without active edges
@@ -114,16 +140,7 @@ def smooth_graph_attention(
     shifted = jnp.where(active, logits - m[receivers], 0.0)  # double where: no inf in grads
     ex = jnp.where(active, env * jnp.exp(shifted), 0.0)
     denom = jnp.exp(-m) + segment_sum(ex, receivers, num_segments=num_segments)
-    alpha = ex / denom[receivers]
-    values = v[senders] if value_filter is None else v[senders] * value_filter
-    out = segment_sum(alpha[..., None] * values, receivers, num_segments=num_segments)
-    return (out, alpha) if return_weights else out
-
-
-SUM_NEIGHBOURS = 16.0
-"""Divisor of summed vector messages (``vector_messages="sum"``): about the mean number of
-neighbours within 5 Å in QM9 (15.6 over 3,000 random molecules; their envelopes sum to 9.5),
-so that the summed weights start near the attention's (which sum to less than 1)."""
+    return ex / denom[receivers]
 
 
 @dataclass(frozen=True)
@@ -277,15 +294,10 @@ class AttentionPotential(nnx.Module):
             filt = _per_edge(outer(act(inner(rbf))), g).reshape((-1,) + shape[1:])
         q, k, v = (f(x).reshape(shape) for f in (attn.query, attn.key, attn.value))
         bias = _per_edge(attn.edge_logit_bias(distances=d), g)
-        if self.config.attention_weights == "silu":
-            logits = jnp.sum(q[g.receivers] * k[g.senders], axis=-1) / math.sqrt(shape[2])
-            alpha = jax.nn.silu(logits + bias) * (envelope / SUM_NEIGHBOURS)[:, None]
-            values = v[g.senders] if filt is None else v[g.senders] * filt
-            o = segment_sum(alpha[..., None] * values, g.receivers, num_segments=n)
-        else:
-            o, alpha = smooth_graph_attention(
-                q, k, v, senders=g.senders, receivers=g.receivers, num_segments=n,
-                envelope=envelope, bias=bias, value_filter=filt, return_weights=True)
+        o, alpha = smooth_graph_attention(
+            q, k, v, senders=g.senders, receivers=g.receivers, num_segments=n,
+            envelope=envelope, bias=bias, value_filter=filt, return_weights=True,
+            weights=self.config.attention_weights)
         return attn.out(o.reshape(n, -1)), alpha
 
     def _vector_block(self, t: int, x, h, vec, alpha, envelope, unit, g, rbf):
