@@ -25,6 +25,17 @@ from mpattn.train.losses import LOSSES, WEIGHTINGS
 from mpattn.train.schedules import SCHEDULES
 
 
+def _run_settings(workdir):
+    """The TrainConfig and model config fields of the run in ``workdir`` (ValueError if it
+    holds no readable checkpoint)."""
+    from pathlib import Path
+
+    from mpattn.train.checkpoint import latest_meta
+    from mpattn.train.experiment import resume_settings
+
+    return resume_settings(latest_meta(Path(workdir) / "checkpoints"))
+
+
 def _default_preset() -> tuple[str, str]:
     import jax
 
@@ -58,7 +69,10 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--split-file", help="npz or json with QM9 ids under train/val/test")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--workdir", default="runs/qm9_u0")
-    ap.add_argument("--resume", action="store_true", help="continue the run in --workdir")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run in --workdir with its own settings and model config "
+                    "(options given again must agree with them, but for --epochs, "
+                    "--time-budget-min, checkpointing, --num-devices and --steps-per-call)")
     ap.add_argument("--dataset-cache", help="featurized QM9 cache file (no RDKit/qm9pack)")
     ap.add_argument("--model-config", default="{}",
                     help='model config overrides as JSON, e.g. \'{"dim": 128}\'')
@@ -112,9 +126,23 @@ def main(argv=None) -> int:
         say(f"preset '{args.preset}': {why}")
     preset = PRESETS[args.preset]
     say(f"preset '{args.preset}': {preset.why}")
+    base, model_config = preset.train, {}
+    if args.resume:  # the run's own settings, where the command line does not give them
+        try:
+            base, model_config = _run_settings(args.workdir)
+        except ValueError:
+            pass  # run_qm9 says what is wrong with the workdir
+        else:
+            say(f"--resume: the settings and model config the run in {args.workdir} started "
+                "with")
     if args.model is None:
-        args.model = preset.train.model
-        say(f"model '{args.model}': the preset's default (choose another with --model)")
+        args.model = base.model
+        say(f"model '{args.model}': " + ("the run's" if base is not preset.train else
+                                         "the preset's default (choose another with --model)"))
+    if args.model != base.model:
+        model_config = {}
+    # a resumed run plans its epochs again only if it was planned (its plan is in its checkpoint)
+    planned = args.epochs is None and (base is preset.train or base.replan)
     fields = {"model": args.model, "target": args.target, "epochs": args.epochs,
               "time_budget_min": args.time_budget_min, "batch_size": args.batch_size,
               "lr": args.lr, "loss": args.loss, "schedule": args.schedule,
@@ -128,18 +156,17 @@ def main(argv=None) -> int:
               "keep_checkpoints": args.keep_checkpoints,
               "min_atoms": args.min_atoms, "max_atoms": args.max_atoms,
               "cap_per_size": args.cap_per_size}
-    config = dataclasses.replace(preset.train, **{k: v for k, v in fields.items()
-                                                  if v is not None})
+    config = dataclasses.replace(base, **{k: v for k, v in fields.items() if v is not None})
     sizes = list(preset.sizes)
     for i, v in enumerate((args.train_size, args.val_size, args.test_size)):
         if v is not None:
             sizes[i] = v
     try:
-        overrides = json.loads(args.model_config)
+        overrides = model_config | json.loads(args.model_config)
         results = run_qm9(config, workdir=args.workdir, sizes=tuple(sizes),
                           split_file=args.split_file, resume=args.resume,
                           dataset_cache=args.dataset_cache, model_overrides=overrides,
-                          preset=args.preset, plan_epochs=args.epochs is None,
+                          preset=args.preset, plan_epochs=planned,
                           progress=not args.no_progress)
     except (ValueError, json.JSONDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)

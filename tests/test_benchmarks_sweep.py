@@ -23,7 +23,8 @@ def test_command_puts_the_variants_options_last_so_they_win():
                  "--lr", "5e-4")
     cmd = sweep.command("vec64-b32", args, Path("w"))
     assert cmd[1:4] == ["-m", "experiments.qm9_u0", "--preset"]
-    assert cmd[cmd.index("--model-config") + 1] == '{"vector_features": true}'
+    assert json.loads(cmd[cmd.index("--model-config") + 1]) == {"vector_features": True,
+                                                                "attention_weights": "softmax"}
     assert cmd[cmd.index("--time-budget-min") + 1] == "3"
     assert cmd[cmd.index("--train-size") + 1] == "500" and "--val-size" not in cmd
     assert "--epochs" not in cmd  # planned from the budget
@@ -33,7 +34,8 @@ def test_command_puts_the_variants_options_last_so_they_win():
     assert cmd[-2:] == ["--lr", "5e-4"]
     wide = sweep.command("vec128", _args("--epochs", "5"), Path("w"))
     assert json.loads(wide[wide.index("--model-config") + 1]) == {
-        "vector_features": True, "dim": 128, "num_heads": 8, "ff_dim": 256}
+        "vector_features": True, "attention_weights": "softmax", "dim": 128, "num_heads": 8,
+        "ff_dim": 256}
     assert wide[wide.index("--epochs") + 1] == "5"
 
 

@@ -55,6 +55,14 @@ DEFAULT_MODEL = "attention_potential"
 #: narrower model trains ~5x more molecules per second (README, "Training on QM9").
 CPU_MHMP = {"dim": 48, "head_dim": 16, "edge_hidden": 32, "ff_dim": 96}
 
+#: The attention potential under the ``cpu`` and ``standard`` presets: unnormalised silu
+#: attention weights (``silu(logit) f(r) / 16``, messages summed). In 10-minute cpu-preset runs
+#: on one core each (2026-11-24) they gave 64.8 and 57.9 meV test MAE against the softmax
+#: weights' 72.1 and 63.1 (seeds 0 and 1), and with vector channels 29.5 meV against 32.1 at
+#: convergence (README, "Toward 25 meV on the CPU"). The class default stays ``"softmax"`` so
+#: that checkpoints of older runs, which do not record the field, keep their meaning.
+ATTENTION_PRESET = {"attention_weights": "silu"}
+
 #: The presets checkpoint at most every 30 s (and after the first and last epoch): an orbax save
 #: of the default model took 0.55 s on 2 CPU cores, and on one H100 validation, metrics and the
 #: save took ~0.6 s of each 2.5-second epoch (README, "Training on QM9").
@@ -68,13 +76,14 @@ PRESETS: dict[str, Preset] = {
     "standard": Preset((110_000, 10_000, None), TrainConfig(
         model=DEFAULT_MODEL, loss="l1", batch_size=64, lr=1e-3, schedule="cosine", epochs=300,
         checkpoint_every_s=SAVE_EVERY_S),
-        "the literature's split: 110,000/10,000/rest"),
+        "the literature's split: 110,000/10,000/rest",
+        models={DEFAULT_MODEL: ATTENTION_PRESET}),
     "cpu": Preset((15_000, 1_000, 5_000), TrainConfig(
         model=DEFAULT_MODEL, loss="l1", batch_size=16, lr=1e-3, schedule="cosine", epochs=24,
         ema_decay=0.999, time_budget_min=10.0, checkpoint_every_s=SAVE_EVERY_S),
         "15,000 training molecules, 10 minutes of training on 2 CPU cores (MH-MP, if chosen, "
         "narrowed to dim 48, head_dim 16, edge_hidden 32 to fit more epochs)",
-        models={"mhmp": CPU_MHMP, "mhmp_pe": CPU_MHMP}),
+        models={"mhmp": CPU_MHMP, "mhmp_pe": CPU_MHMP, DEFAULT_MODEL: ATTENTION_PRESET}),
 }
 
 
@@ -121,6 +130,42 @@ def _planned(config: TrainConfig, data, workdir: Path, model_config, *, resume: 
     return dataclasses.replace(config, epochs=plan.epochs, replan=True), plan.trial
 
 
+#: TrainConfig fields a resumed run may change: its length, budget, checkpointing and how the
+#: steps are laid out on the devices (the same arithmetic); any other field must stay the run's
+RESUME_MAY_CHANGE = ("epochs", "time_budget_min", "replan", "checkpoint_every_s",
+                     "keep_checkpoints", "num_devices", "steps_per_call", "eval_batch_size")
+
+
+def resume_settings(meta: dict) -> tuple[TrainConfig, dict]:
+    """The training settings and every model config field a run was started with, from its
+    checkpoint metadata. A field a run of an older version did not record takes its model
+    config class's default, which is the value the model had before the field existed (the
+    presets, not those classes, choose newer settings such as ``attention_weights``)."""
+    from mpattn.models import default_config
+    from mpattn.train.checkpoint import json_tuples
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: json_tuples(v) for k, v in meta["config"].items() if k in known})
+    model = default_config(config.model, **{k: json_tuples(v)
+                                            for k, v in meta["model_config"].items()})
+    return config, dataclasses.asdict(model)
+
+
+def resume_conflicts(meta: dict, config: TrainConfig, model_config) -> list[str]:
+    """What ``config`` and ``model_config`` change of the run whose checkpoint metadata is
+    ``meta``, as ``"name: run's value -> this one"`` lines (fields the run did not record and
+    :data:`RESUME_MAY_CHANGE` are not compared)."""
+    stored, stored_model = resume_settings(meta)
+    out = [f"{f.name}: {getattr(stored, f.name)!r} -> {getattr(config, f.name)!r}"
+           for f in dataclasses.fields(TrainConfig)
+           if f.name not in RESUME_MAY_CHANGE and f.name in meta["config"]
+           and getattr(stored, f.name) != getattr(config, f.name)]
+    if stored.model == config.model:
+        out += [f"{k}: {v!r} -> {getattr(model_config, k, None)!r}"
+                for k, v in stored_model.items() if getattr(model_config, k, None) != v]
+    return out
+
+
 def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=None,
             resume: bool = False, dataset_cache: str | Path | None = None,
             model_overrides: dict | None = None, preset: str | None = None,
@@ -133,7 +178,9 @@ def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=
         workdir: output folder; with ``resume`` it must hold a previous run's checkpoints.
         sizes: (train, val, test) split sizes (test None: the rest).
         split_file: a split file of QM9 ids (overrides ``sizes``).
-        resume: continue the run in ``workdir`` exactly where it stopped.
+        resume: continue the run in ``workdir`` exactly where it stopped; ``config`` and the
+            model config must be the run's but for :data:`RESUME_MAY_CHANGE` (ValueError
+            listing what differs; :func:`resume_settings` reads them from the checkpoint).
         dataset_cache: a featurized-QM9 cache file to load instead of qm9pack (no RDKit).
         model_overrides: model config fields (on top of the preset's, see :class:`Preset`).
         preset: a :data:`PRESETS` name: its model overrides apply; recorded in results.json.
@@ -162,6 +209,15 @@ def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=
     model_config = default_config(config.model, **{**preset_models.get(config.model, {}),
                                                    **(model_overrides or {})})
     with_denoise_head(config, model_config)  # bad settings fail before the data loads
+    if resume:  # a model of the same parameters but other settings would restore silently
+        from mpattn.train.checkpoint import latest_meta
+
+        conflicts = resume_conflicts(latest_meta(workdir / "checkpoints"), config,
+                                     model_config)
+        if conflicts:
+            raise ValueError(f"--resume: the run in {workdir} was started with other "
+                             f"settings ({'; '.join(conflicts)}); resume with the run's own "
+                             "(leave those options out) or start a new --workdir")
     workdir.mkdir(parents=True, exist_ok=True)
     ms = load_molset(Path(dataset_cache)) if dataset_cache else load_qm9(progress=progress,
                                                                           log=log)

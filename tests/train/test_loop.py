@@ -126,6 +126,57 @@ def test_resume_after_sigkill_gives_the_same_final_metrics(cache_file, tmp_path)
     np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
+def test_resume_keeps_the_runs_settings_and_refuses_other_ones(cache_file, tmp_path, capsys):
+    """A model of the same parameters but another config (here SchNet's cutoff) would restore
+    without complaint: ``--resume`` takes the run's settings from its checkpoint, and settings
+    given again that differ are refused, named, before any data is read."""
+    from experiments.qm9_u0 import main
+    from mpattn.train.experiment import run_qm9
+
+    work = tmp_path / "run"
+    _run(cache_file, work, epochs=1)
+    other = TINY | {"cutoff": 4.0}
+    with pytest.raises(ValueError, match=r"--resume: the run in .* was started with other "
+                                         r"settings \(loss: 'l1' -> 'mse'; cutoff: 5\.0 -> 4\.0\)"):
+        run_qm9(_config(epochs=2, loss="mse"), workdir=work, sizes=SIZES, resume=True,
+                dataset_cache=tmp_path / "absent.npz", model_overrides=other,
+                progress=False, log=lambda *_: None)
+    # what may change on resume: length, budget, checkpointing
+    assert main(["--resume", "--workdir", str(work), "--dataset-cache", str(cache_file),
+                 "--model-config", '{"cutoff": 4.0}', "--no-progress"]) == 2
+    assert "cutoff: 5.0 -> 4.0" in capsys.readouterr().err
+    # nothing but the workdir and the new length: the run's model, config and settings
+    assert main(["--resume", "--workdir", str(work), "--dataset-cache", str(cache_file),
+                 "--epochs", "2", "--checkpoint-every-s", "5", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "model 'schnet': the run's" in out and "resumed at epoch 1" in out
+    results = json.loads((work / "results.json").read_text())
+    assert results["epochs"] == 2 and results["config"]["batch_size"] == 32
+    assert results["config"]["seed"] == 1 and results["config"]["schedule"] == "cosine"
+    assert {k: results["model_config"][k] for k in TINY} == TINY
+
+
+def test_resume_settings_give_unrecorded_fields_their_old_meaning():
+    """A checkpoint of a run from before ``attention_weights`` existed resumes with the
+    softmax weights it was trained with, not the silu weights the presets now choose."""
+    from mpattn.models import default_config
+    from mpattn.train.experiment import PRESETS, resume_conflicts, resume_settings
+
+    old = {"dim": 64, "vector_features": True}  # recorded before the newer fields
+    meta = {"config": {"model": "attention_potential", "loss": "l1", "epochs": 150},
+            "model_config": old}
+    config, model = resume_settings(meta)
+    assert config.model == "attention_potential" and config.epochs == 150
+    assert model["attention_weights"] == "softmax" and model["vector_messages"] == "attention"
+    for name in ("cpu", "standard"):
+        assert PRESETS[name].models["attention_potential"] == {"attention_weights": "silu"}
+    preset_silu = default_config("attention_potential", vector_features=True,
+                                 attention_weights="silu")
+    assert resume_conflicts(meta, dataclasses.replace(config, epochs=3), preset_silu) == [
+        "attention_weights: 'softmax' -> 'silu'"]
+    assert resume_conflicts(meta, config, default_config("attention_potential", **model)) == []
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(qm9_molset, tmp_path):
     trainer = _trained(qm9_molset, tmp_path)
     good_step = trainer.checkpoints.latest_step()
