@@ -153,8 +153,9 @@ def resume_settings(meta: dict) -> tuple[TrainConfig, dict]:
 
 def resume_conflicts(meta: dict, config: TrainConfig, model_config) -> list[str]:
     """What ``config`` and ``model_config`` change of the run whose checkpoint metadata is
-    ``meta``, as ``"name: run's value -> this one"`` lines (fields the run did not record and
-    :data:`RESUME_MAY_CHANGE` are not compared)."""
+    ``meta``, as ``"name: run's value -> this one"`` lines (training fields the run did not
+    record and :data:`RESUME_MAY_CHANGE` are not compared; model fields it did not record
+    count as their defaults, see :func:`resume_settings`)."""
     stored, stored_model = resume_settings(meta)
     out = [f"{f.name}: {getattr(stored, f.name)!r} -> {getattr(config, f.name)!r}"
            for f in dataclasses.fields(TrainConfig)
