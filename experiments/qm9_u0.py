@@ -31,9 +31,10 @@ def _run_settings(workdir):
     from pathlib import Path
 
     from mpattn.train.checkpoint import latest_meta
-    from mpattn.train.experiment import resume_settings
+    from mpattn.train.loop import run_settings
 
-    return resume_settings(latest_meta(Path(workdir) / "checkpoints"))
+    config, model_config = run_settings(latest_meta(Path(workdir) / "checkpoints"))
+    return config, dataclasses.asdict(model_config)
 
 
 def _default_preset() -> tuple[str, str]:

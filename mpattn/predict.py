@@ -168,9 +168,8 @@ def load_predictor(workdir: str | Path, *, which: str = "best") -> Predictor:
         ValueError: ``which`` is invalid, or the workdir holds no (intact) checkpoint; the
             message names the workdir.
     """
-    from mpattn.models import default_config
-    from mpattn.train.checkpoint import Checkpointer, json_tuples, read_meta
-    from mpattn.train.loop import TrainConfig, build_carry
+    from mpattn.train.checkpoint import Checkpointer, read_meta
+    from mpattn.train.loop import build_carry, run_settings
     from mpattn.train.targets import TargetTransform
 
     if which not in ("best", "latest"):
@@ -183,9 +182,7 @@ def load_predictor(workdir: str | Path, *, which: str = "best") -> Predictor:
             raise ValueError(f"{ckpt.directory} holds no checkpoint (is this a training "
                              "run's workdir?)")
         meta = read_meta(ckpt.directory, [best] if best is not None else steps[::-1])
-        config = TrainConfig(**meta["config"])
-        model_config = default_config(config.model, **{
-            k: json_tuples(v) for k, v in meta["model_config"].items()})
+        config, model_config = run_settings(meta)
         _, graphdef, _, template = build_carry(config, model_config, steps_per_epoch=1)
         carry, meta = ckpt.restore(template, which=which)
         transform = TargetTransform.from_dict(meta["transform"])

@@ -20,6 +20,7 @@ from mpattn.train.loop import (
     Trainer,
     calibrate_epochs,
     prepare,
+    run_settings,
     with_denoise_head,
 )
 from mpattn.train.report import (
@@ -136,34 +137,20 @@ RESUME_MAY_CHANGE = ("epochs", "time_budget_min", "replan", "checkpoint_every_s"
                      "keep_checkpoints", "num_devices", "steps_per_call", "eval_batch_size")
 
 
-def resume_settings(meta: dict) -> tuple[TrainConfig, dict]:
-    """The training settings and every model config field a run was started with, from its
-    checkpoint metadata. A field a run of an older version did not record takes its model
-    config class's default, which is the value the model had before the field existed (the
-    presets, not those classes, choose newer settings such as ``attention_weights``)."""
-    from mpattn.models import default_config
-    from mpattn.train.checkpoint import json_tuples
-
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: json_tuples(v) for k, v in meta["config"].items() if k in known})
-    model = default_config(config.model, **{k: json_tuples(v)
-                                            for k, v in meta["model_config"].items()})
-    return config, dataclasses.asdict(model)
-
-
 def resume_conflicts(meta: dict, config: TrainConfig, model_config) -> list[str]:
     """What ``config`` and ``model_config`` change of the run whose checkpoint metadata is
     ``meta``, as ``"name: run's value -> this one"`` lines (training fields the run did not
     record and :data:`RESUME_MAY_CHANGE` are not compared; model fields it did not record
-    count as their defaults, see :func:`resume_settings`)."""
-    stored, stored_model = resume_settings(meta)
+    count as their defaults, see :func:`~mpattn.train.loop.run_settings`)."""
+    stored, stored_model = run_settings(meta)
     out = [f"{f.name}: {getattr(stored, f.name)!r} -> {getattr(config, f.name)!r}"
            for f in dataclasses.fields(TrainConfig)
            if f.name not in RESUME_MAY_CHANGE and f.name in meta["config"]
            and getattr(stored, f.name) != getattr(config, f.name)]
     if stored.model == config.model:
         out += [f"{k}: {v!r} -> {getattr(model_config, k, None)!r}"
-                for k, v in stored_model.items() if getattr(model_config, k, None) != v]
+                for k, v in dataclasses.asdict(stored_model).items()
+                if getattr(model_config, k, None) != v]
     return out
 
 
@@ -181,7 +168,7 @@ def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=
         split_file: a split file of QM9 ids (overrides ``sizes``).
         resume: continue the run in ``workdir`` exactly where it stopped; ``config`` and the
             model config must be the run's but for :data:`RESUME_MAY_CHANGE` (ValueError
-            listing what differs; :func:`resume_settings` reads them from the checkpoint).
+            listing what differs; :func:`~mpattn.train.loop.run_settings` reads them).
         dataset_cache: a featurized-QM9 cache file to load instead of qm9pack (no RDKit).
         model_overrides: model config fields (on top of the preset's, see :class:`Preset`).
         preset: a :data:`PRESETS` name: its model overrides apply; recorded in results.json.

@@ -34,7 +34,7 @@ from mpattn.data.qm9 import Split
 from mpattn.featurize import FeaturizeOptions
 from mpattn.graph import graph_mask, node_mask
 from mpattn.models import create_model, default_config
-from mpattn.train.checkpoint import Checkpointer
+from mpattn.train.checkpoint import Checkpointer, json_tuples
 from mpattn.train.distributed import agree, is_primary, process_positions
 from mpattn.train.losses import cap_per_size, graph_weights, loss_value, size_range
 from mpattn.train.metrics import error_report
@@ -62,6 +62,7 @@ __all__ = [
     "make_train_step",
     "masked_node_mean",
     "prepare",
+    "run_settings",
     "stack_batches",
     "stack_steps",
     "with_denoise_head",
@@ -175,6 +176,17 @@ def prepare(ms: MoleculeSet, split: Split, config: TrainConfig) -> Prepared:
         out[name] = Split3(gs, true, counts, sub.n_atoms.astype(np.int64),
                            np.asarray(sub.ids, np.int64))
     return Prepared(out["train"], out["val"], out["test"], transform)
+
+
+def run_settings(meta: dict):
+    """``(TrainConfig, model config)`` a run was started with, from its checkpoint metadata.
+    A model config field a run of an older version did not record takes its class's default,
+    which is the value the model had before the field existed (the presets, not those
+    classes, choose newer settings such as ``attention_weights``)."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: json_tuples(v) for k, v in meta["config"].items() if k in known})
+    return config, default_config(config.model, **{k: json_tuples(v)
+                                                   for k, v in meta["model_config"].items()})
 
 
 def with_denoise_head(config: TrainConfig, model_config):

@@ -160,21 +160,22 @@ def test_resume_settings_give_unrecorded_fields_their_old_meaning():
     """A checkpoint of a run from before ``attention_weights`` existed resumes with the
     softmax weights it was trained with, not the silu weights the presets now choose."""
     from mpattn.models import default_config
-    from mpattn.train.experiment import PRESETS, resume_conflicts, resume_settings
+    from mpattn.train.experiment import PRESETS, resume_conflicts
+    from mpattn.train.loop import run_settings
 
     old = {"dim": 64, "vector_features": True}  # recorded before the newer fields
     meta = {"config": {"model": "attention_potential", "loss": "l1", "epochs": 150},
             "model_config": old}
-    config, model = resume_settings(meta)
+    config, model = run_settings(meta)
     assert config.model == "attention_potential" and config.epochs == 150
-    assert model["attention_weights"] == "softmax" and model["vector_messages"] == "attention"
+    assert model.attention_weights == "softmax" and model.vector_messages == "attention"
     for name in ("cpu", "standard"):
         assert PRESETS[name].models["attention_potential"] == {"attention_weights": "silu"}
     preset_silu = default_config("attention_potential", vector_features=True,
                                  attention_weights="silu")
     assert resume_conflicts(meta, dataclasses.replace(config, epochs=3), preset_silu) == [
         "attention_weights: 'softmax' -> 'silu'"]
-    assert resume_conflicts(meta, config, default_config("attention_potential", **model)) == []
+    assert resume_conflicts(meta, config, model) == []
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(qm9_molset, tmp_path):
