@@ -9,10 +9,11 @@
 #            pipelined; peers again for mpnn and schnet with $STEPS (default 8) of our steps
 #            per jit call, and with --sync-every-step (as the results before 2026-11-23);
 #            benchmarks.roofline only with ROOFLINE=1                      (about 8-9 min)
-#   accuracy experiments.qm9_u0 on the cpu preset's split (15,000 training molecules): the
-#            default model with vector channels at batch $BATCH (default 64), $STEPS
-#            (default 8) train steps per jit call, as many epochs
-#            as fit $MINUTES (default 7.5) minutes, timed first (or $EPOCHS); $EXTRA adds
+#   accuracy experiments.qm9_u0 --preset standard (the accelerator's default model: vector
+#            channels, silu attention, denoising) on the cpu preset's split (15,000 training
+#            molecules) at batch $BATCH (default 64), $STEPS (default 8) train steps per jit
+#            call, as many epochs as fit $MINUTES (default 7.5) minutes, timed first (or
+#            $EPOCHS); $EXTRA adds
 #            options (e.g. EXTRA="--weight-decay 0.01" TAG=wd0.01; TAG names the result
 #            folder)                                                       (about 9 min)
 #   scaling  benchmarks.scaling (energy + forces, 96 to 12,288 atoms of water) and a
@@ -52,6 +53,9 @@ steps=${STEPS:-8}
 long_epochs=${EPOCHS:-600}
 minutes=${MINUTES:-7.5}
 py=${PYTHON:-python3}
+# the cpu preset's split (seed 0, 15,000 training molecules) for the accuracy and long stages,
+# the split the sweep's variants and the CPU runs of the README train on
+split15k=(--train-size 15000 --val-size 1000 --test-size 5000)
 if [[ ${QUICK:-0} == 1 ]]; then
     small=(--models schnet --batches 1 --molecules 30)
     speed=("${small[@]}" --batch-sizes 8)
@@ -109,11 +113,11 @@ bench)
 accuracy)
     # batch 64, not the cpu preset's 16: on one H100 a step at batch 16 is launch-bound (9 ms,
     # 1,920 mol/s; 52 epochs in 8.5 min), at 64 it takes 7 ms for 4x the molecules (README)
-    work=benchmarks/results/qm9_u0-$gpu-$day-vector-features-bs$batch${TAG:+-$TAG}
+    work=benchmarks/results/qm9_u0-$gpu-$day-standard-15k-bs$batch${TAG:+-$TAG}
     # shellcheck disable=SC2086  # EXTRA is split into options on purpose
-    step 570 "$py" -m experiments.qm9_u0 --dataset-cache "$cache" --preset cpu \
-        --batch-size "$batch" --time-budget-min "$minutes" --steps-per-call "$steps" \
-        --model-config '{"vector_features": true}' --workdir "$work" --no-progress \
+    step 570 "$py" -m experiments.qm9_u0 --dataset-cache "$cache" --preset standard \
+        "${split15k[@]}" --batch-size "$batch" --time-budget-min "$minutes" \
+        --steps-per-call "$steps" --workdir "$work" --no-progress \
         "${epochs[@]}" "${acc[@]}" ${EXTRA:-}
     cp "$log" "$work/log.txt"
     ;;
@@ -129,11 +133,10 @@ long)
     resume=()
     if [[ -d $work/checkpoints ]]; then resume=(--resume); fi
     # shellcheck disable=SC2086  # EXTRA is split into options on purpose
-    step "${LEG_S:-520}" "$py" -m experiments.qm9_u0 --dataset-cache "$cache" --preset cpu \
-        --batch-size "$batch" --epochs "$long_epochs" --time-budget-min "${TOTAL_MIN:-60}" \
-        --steps-per-call "$steps" --keep-checkpoints 1 \
-        --model-config '{"vector_features": true}' --workdir "$work" --no-progress \
-        "${resume[@]}" "${long[@]}" ${EXTRA:-}
+    step "${LEG_S:-520}" "$py" -m experiments.qm9_u0 --dataset-cache "$cache" --preset standard \
+        "${split15k[@]}" --batch-size "$batch" --epochs "$long_epochs" \
+        --time-budget-min "${TOTAL_MIN:-60}" --steps-per-call "$steps" --keep-checkpoints 1 \
+        --workdir "$work" --no-progress "${resume[@]}" "${long[@]}" ${EXTRA:-}
     cat "$log" >> "$work/legs.txt"
     if [[ -f $work/results.json ]]; then  # the run has ended: its results, no checkpoints
         done_dir=benchmarks/results/qm9_u0-$gpu-$day-long${TAG:+-$TAG}

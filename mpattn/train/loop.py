@@ -200,7 +200,8 @@ def with_denoise_head(config: TrainConfig, model_config):
     if not getattr(model_config, "vector_features", False):
         raise ValueError(f"denoise_sigma={config.denoise_sigma} needs a model with a denoising "
                          "head: attention_potential with vector_features (--model-config "
-                         f"'{{\"vector_features\": true}}'), got {config.model}")
+                         f"'{{\"vector_features\": true}}'), got {config.model} without "
+                         "vector channels (--denoise-sigma 0 turns denoising off)")
     return dataclasses.replace(model_config, denoise=True)
 
 
