@@ -26,6 +26,7 @@ means the checkpoint is on disk.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -349,6 +350,22 @@ def _quiet_readers(quiet: bool = True):
 def json_tuples(x):
     """JSON gives lists where frozen configs hold tuples."""
     return tuple(json_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def recorded_config(cls, fields: dict):
+    """The dataclass ``cls`` from the fields a checkpoint recorded: lists back to tuples;
+    fields this version does not know (a newer one wrote them) left out, fields it did not
+    record at their defaults."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: json_tuples(v) for k, v in fields.items() if k in known})
+
+
+def recorded_model_config(model: str, fields: dict):
+    """The typed config of ``model`` from the fields a checkpoint recorded (lists back to
+    tuples; fields it did not record at the class's defaults)."""
+    from mpattn.models import default_config
+
+    return default_config(model, **{k: json_tuples(v) for k, v in fields.items()})
 
 
 def latest_meta(directory: Path) -> dict:

@@ -127,16 +127,15 @@ def _device() -> str:
     return f"{d.platform}:{d.device_kind} x{jax.device_count()}{hosts}"
 
 
-def _planned(config: TrainConfig, data, workdir: Path, model_config, *, resume: bool,
+def _planned(config: TrainConfig, data, model_config, *, resumed: dict | None,
              log) -> tuple[TrainConfig, Trainer | None]:
     """``config`` with the epochs that fit its time budget (see ``run_qm9(plan_epochs=...)``),
-    and the trial trainer that timed them, whose compiled steps the run reuses (or None)."""
+    and the trial trainer that timed them, whose compiled steps the run reuses (or None);
+    ``resumed``: the checkpoint metadata of the run being resumed, whose plan stays."""
     import jax
 
-    from mpattn.train.checkpoint import latest_meta
-
-    if resume:  # the schedule must stay the one the run started with
-        epochs = int(latest_meta(workdir / "checkpoints")["config"]["epochs"])
+    if resumed is not None:  # the schedule must stay the one the run started with
+        epochs = int(resumed["config"]["epochs"])
         log(f"resuming the run's plan of {epochs} epochs")
         return dataclasses.replace(config, epochs=epochs, replan=True), None
     if jax.process_count() > 1:  # a throwaway trainer per process would need a shared folder
@@ -218,11 +217,12 @@ def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=
     model_config = default_config(config.model, **{**preset_models.get(config.model, {}),
                                                    **(model_overrides or {})})
     with_denoise_head(config, model_config)  # bad settings fail before the data loads
+    resumed = None  # the checkpoint metadata of the run being resumed
     if resume:  # a model of the same parameters but other settings would restore silently
         from mpattn.train.checkpoint import latest_meta
 
-        conflicts = resume_conflicts(latest_meta(workdir / "checkpoints"), config,
-                                     model_config)
+        resumed = latest_meta(workdir / "checkpoints")
+        conflicts = resume_conflicts(resumed, config, model_config)
         if conflicts:
             raise ValueError(f"--resume: the run in {workdir} was started with other "
                              f"settings ({'; '.join(conflicts)}); resume with the run's own "
@@ -240,7 +240,7 @@ def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=
     data = prepare(ms, split, config)
     trial = None
     if plan_epochs and config.time_budget_min:
-        config, trial = _planned(config, data, workdir, model_config, resume=resume, log=log)
+        config, trial = _planned(config, data, model_config, resumed=resumed, log=log)
     trainer = Trainer(config, data, workdir, model_config=model_config, log=log,
                       compiled_from=trial)
     del trial

@@ -34,7 +34,11 @@ from mpattn.data.qm9 import Split
 from mpattn.featurize import FeaturizeOptions
 from mpattn.graph import graph_mask, node_mask
 from mpattn.models import create_model, default_config
-from mpattn.train.checkpoint import Checkpointer, json_tuples
+from mpattn.train.checkpoint import (
+    Checkpointer,
+    recorded_config,
+    recorded_model_config,
+)
 from mpattn.train.distributed import agree, is_primary, process_positions
 from mpattn.train.losses import cap_per_size, graph_weights, loss_value, size_range
 from mpattn.train.metrics import error_report
@@ -183,10 +187,8 @@ def run_settings(meta: dict):
     A model config field a run of an older version did not record takes its class's default,
     which is the value the model had before the field existed (the presets, not those
     classes, choose newer settings such as ``attention_weights``)."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: json_tuples(v) for k, v in meta["config"].items() if k in known})
-    return config, default_config(config.model, **{k: json_tuples(v)
-                                                   for k, v in meta["model_config"].items()})
+    config = recorded_config(TrainConfig, meta["config"])
+    return config, recorded_model_config(config.model, meta["model_config"])
 
 
 def with_denoise_head(config: TrainConfig, model_config):

@@ -54,7 +54,12 @@ from mpattn.models.potential import (
     fit_reference,
     force_metrics,
 )
-from mpattn.train.checkpoint import Checkpointer, json_tuples, read_meta
+from mpattn.train.checkpoint import (
+    Checkpointer,
+    read_meta,
+    recorded_config,
+    recorded_model_config,
+)
 from mpattn.train.loop import EpochLoop, apply_gradients, jit_carry
 from mpattn.train.schedules import current_lr, ema_init, make_optimizer
 
@@ -460,9 +465,8 @@ def load_potential(workdir, which: str = "best") -> Potential:
         raise ValueError(f"{ckpt.directory}: checkpoint metadata lacks {', '.join(missing)} "
                          "(not a potential training run?)")
     try:
-        config = PotentialConfig(**meta["config"])
-        model_config = default_config(meta["model"], **{
-            k: json_tuples(v) for k, v in meta["model_config"].items()})
+        config = recorded_config(PotentialConfig, meta["config"])
+        model_config = recorded_model_config(meta["model"], meta["model_config"])
         reference = Reference.from_dict(meta["reference"])
         potential, _, rest, _, template = build_potential(config, model_config, reference,
                                                           steps_per_epoch=1)

@@ -300,3 +300,17 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     Checkpointer(tmp_path).save(5, small(5), meta={"epoch": 5})
     assert not list(tmp_path.glob("*.orbax-checkpoint-tmp*"))
     assert Checkpointer(tmp_path).latest_step() == 5
+
+
+def test_recorded_configs_skip_fields_of_newer_versions_and_default_unrecorded_ones():
+    from mpattn.train.checkpoint import recorded_config, recorded_model_config
+    from mpattn.train.loop import TrainConfig
+    from mpattn.train.potential import PotentialConfig
+
+    config = recorded_config(TrainConfig, {"model": "schnet", "epochs": 7, "from_2030": 1})
+    assert (config.model, config.epochs, config.lr) == ("schnet", 7, TrainConfig().lr)
+    pot = recorded_config(PotentialConfig, {"model": "schnet", "beta": 0.5, "new": [1]})
+    assert (pot.beta, pot.loss) == (0.5, PotentialConfig(model="schnet").loss)
+    model = recorded_model_config("attention_potential", {"cutoff": 4.0, "vector_features": True})
+    assert (model.cutoff, model.vector_features, model.attention_weights) == (4.0, True,
+                                                                              "softmax")
