@@ -127,26 +127,26 @@ def main(argv=None) -> int:
         say(f"preset '{args.preset}': {why}")
     preset = PRESETS[args.preset]
     say(f"preset '{args.preset}': {preset.why}")
-    base, model_config, the_runs = preset.train, {}, False
+    base, model_config, runs_own = preset.train, {}, False
     if args.resume:  # the run's own settings, where the command line does not give them
         try:
             base, model_config = _run_settings(args.workdir)
         except ValueError:
             pass  # run_qm9 says what is wrong with the workdir
         else:
-            the_runs = True
+            runs_own = True
             say(f"--resume: the settings and model config the run in {args.workdir} started "
                 "with")
     if args.model is None:
         args.model = base.model
-        say(f"model '{args.model}': " + ("the run's" if the_runs else
+        say(f"model '{args.model}': " + ("the run's" if runs_own else
                                          "the preset's default (choose another with --model)"))
     if args.model != base.model:
         model_config = {}
-    if not the_runs:  # the preset's settings for this model (e.g. its regulariser)
+    if not runs_own:  # the preset's settings for this model (e.g. its regulariser)
         base = preset.config_for(args.model)
     # a resumed run plans its epochs again only if it was planned (its plan is in its checkpoint)
-    planned = args.epochs is None and (not the_runs or base.replan)
+    planned = args.epochs is None and (not runs_own or base.replan)
     fields = {"model": args.model, "target": args.target, "epochs": args.epochs,
               "time_budget_min": args.time_budget_min, "batch_size": args.batch_size,
               "lr": args.lr, "loss": args.loss, "schedule": args.schedule,
