@@ -17,7 +17,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from mpattn.train.experiment import PRESETS, run_qm9
+from mpattn.train.experiment import PRESETS, STANDARD_ATTENTION, STANDARD_DENOISE, run_qm9
 from mpattn.train.metrics import KCAL_MOL_MEV
 from mpattn.train.report import write_json
 
@@ -26,8 +26,11 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "MH-MP": ("mhmp", {}, {}),
     "MH-MP+PE": ("mhmp_pe", {}, {}),
     "MPNN-GRU": ("mpnn", {}, {}),
-    "Attention potential (ours: distance filters, sum readout, L1, reference)": (
-        "attention_potential", {}, {"loss": "l1", "reference": True}),
+    # the standard preset's model and regulariser, with our loss, reference and EMA, on the
+    # thesis' split, batch and schedule
+    "Attention potential (ours: vector channels, silu attention, denoising, L1, reference, "
+    "EMA)": ("attention_potential", STANDARD_ATTENTION,
+             {"loss": "l1", "reference": True, "ema_decay": 0.999, **STANDARD_DENOISE}),
 }
 
 

@@ -289,6 +289,23 @@ def test_thesis_comparison_writes_table_and_figure(cache_file, tmp_path):
     assert "| MH-MP+PE |" in (out / "comparison.md").read_text()
 
 
+def test_thesis_comparison_sets_our_variant_as_the_standard_preset_does():
+    from experiments.thesis_comparison import VARIANTS
+    from mpattn.models import default_config
+    from mpattn.train.experiment import PRESETS
+    from mpattn.train.loop import with_denoise_head
+
+    (model, overrides, train), = [v for name, v in VARIANTS.items() if "ours" in name]
+    standard = PRESETS["standard"].config_for(model)
+    config = dataclasses.replace(PRESETS["thesis"].train, model=model, **train)
+    assert (config.denoise_sigma, config.ema_decay, config.loss) == (
+        standard.denoise_sigma, standard.ema_decay, standard.loss)
+    assert (config.batch_size, config.schedule) == (8, "step")  # the thesis' own
+    built = with_denoise_head(config, default_config(model, **overrides))
+    assert built == with_denoise_head(standard, default_config(
+        model, **PRESETS["standard"].models[model]))
+
+
 def test_time_budgeted_run_plans_its_epochs_and_resume_keeps_the_plan(cache_file, tmp_path,
                                                                        monkeypatch):
     """``plan_epochs``: the epochs come from timing a throwaway trainer (whole epochs of
