@@ -64,11 +64,11 @@ DEFAULT_MODEL = "attention_potential"
 #: narrower model trains ~5x more molecules per second (README, "Training on QM9").
 CPU_MHMP = {"dim": 48, "head_dim": 16, "edge_hidden": 32, "ff_dim": 96}
 
-#: The attention potential under the ``cpu`` and ``standard`` presets: unnormalised silu
-#: attention weights (``silu(logit) f(r) / 16``, messages summed). In 10-minute cpu-preset runs
-#: on one core each (2026-11-24) they gave 64.8 and 57.9 meV test MAE against the softmax
-#: weights' 72.1 and 63.1 (seeds 0 and 1), and with vector channels 29.5 meV against 32.1 at
-#: convergence (README, "Toward 25 meV on the CPU"). The class default stays ``"softmax"`` so
+#: The attention potential under the ``cpu`` preset (``standard`` adds more on top):
+#: unnormalised silu attention weights (``silu(logit) f(r) / 16``, messages summed). In
+#: 10-minute cpu-preset runs on one core each (2026-11-24) they gave 64.8 and 57.9 meV test
+#: MAE against the softmax weights' 72.1 and 63.1 (seeds 0 and 1), and with vector channels
+#: 29.5 meV against 32.1 at convergence (README, "Toward 25 meV on the CPU"). The class default stays ``"softmax"`` so
 #: that checkpoints of older runs, which do not record the field, keep their meaning.
 ATTENTION_PRESET = {"attention_weights": "silu"}
 
@@ -79,8 +79,7 @@ ATTENTION_PRESET = {"attention_weights": "silu"}
 #: 32.1 with softmax vector channels and 43.8 for the scalar model (README, "Toward 25 meV on
 #: the CPU"). The ``cpu`` preset keeps the scalar model: in its 10 minutes the vector channels,
 #: at 1.7x the cost per molecule, did not pay (58.5 against 58.3 meV; README, step 7).
-STANDARD_ATTENTION = {"vector_features": True, "vector_messages": "sum",
-                      "attention_weights": "silu"}
+STANDARD_ATTENTION = ATTENTION_PRESET | {"vector_features": True, "vector_messages": "sum"}
 #: noisy-nodes denoising (0.02 Å, weight 0.1) for the attention potential under ``standard``
 STANDARD_DENOISE = {"denoise_sigma": 0.02}
 
