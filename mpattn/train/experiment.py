@@ -68,8 +68,9 @@ CPU_MHMP = {"dim": 48, "head_dim": 16, "edge_hidden": 32, "ff_dim": 96}
 #: unnormalised silu attention weights (``silu(logit) f(r) / 16``, messages summed). In
 #: 10-minute cpu-preset runs on one core each (2026-11-24) they gave 64.8 and 57.9 meV test
 #: MAE against the softmax weights' 72.1 and 63.1 (seeds 0 and 1), and with vector channels
-#: 29.5 meV against 32.1 at convergence (README, "Toward 25 meV on the CPU"). The class default stays ``"softmax"`` so
-#: that checkpoints of older runs, which do not record the field, keep their meaning.
+#: 29.5 meV against 32.1 at convergence (README, "Toward 25 meV on the CPU"). The class
+#: default stays ``"softmax"`` so that checkpoints of older runs, which do not record the
+#: field, keep their meaning.
 ATTENTION_PRESET = {"attention_weights": "silu"}
 
 #: The attention potential under the ``standard`` preset (an accelerator's): PaiNN-style vector
