@@ -52,11 +52,12 @@ def _trained(molset, workdir, epochs: int = 2) -> Trainer:
     return trainer
 
 
-def _run(cache_file, workdir, epochs=3, resume=False, plan_epochs=False, **kw):
+def _run(cache_file, workdir, epochs=3, resume=False, plan_epochs=False, model_overrides=TINY,
+         **kw):
     from mpattn.train.experiment import run_qm9
 
     return run_qm9(_config(epochs=epochs, **kw), workdir=workdir, sizes=SIZES, resume=resume,
-                   dataset_cache=cache_file, model_overrides=TINY, progress=False,
+                   dataset_cache=cache_file, model_overrides=model_overrides, progress=False,
                    plan_epochs=plan_epochs,
                    log=lambda *_: None)
 
@@ -582,6 +583,21 @@ def test_trainer_steps_take_the_carry_as_flat_leaves(qm9_molset, tmp_path):
     assert set(carry) == {"params", "rest", "opt", "step"}
     assert int(carry["step"]) == trainer.steps_per_epoch
     assert jax.tree.structure(carry) == trainer.carry_def
+
+
+def test_denoised_run_records_its_head_and_resumes(cache_file, tmp_path):
+    """A run with ``denoise_sigma`` records the denoising head in results.json's model config
+    (the model it trained has one) and resumes from its checkpoint with the same settings."""
+    small = {"dim": 16, "num_heads": 2, "head_dim": 8, "steps": 2, "ff_dim": 32, "num_rbf": 8,
+             "vector_features": True}
+    work = tmp_path / "dn"
+    kw = dict(model="attention_potential", denoise_sigma=0.05, model_overrides=small)
+    first = _run(cache_file, work, epochs=1, **kw)
+    assert first["model_config"]["denoise"] is True
+    assert first["config"]["denoise_sigma"] == 0.05
+    again = _run(cache_file, work, epochs=2, resume=True, **kw)
+    assert again["epochs"] == 2 and again["model_config"]["denoise"] is True
+    assert json.loads((work / "results.json").read_text())["model_config"]["denoise"] is True
 
 
 def test_denoising_learns_to_predict_the_noise(qm9_molset):
