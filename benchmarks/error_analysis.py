@@ -1,0 +1,171 @@
+"""Where a QM9 model's error is: the molecules it gets most wrong, with their SMILES, and the
+error of charge-separated molecules (zwitterions) against the rest, for one or more runs.
+
+    python -m benchmarks.error_analysis runs/a                       # test part
+    python -m benchmarks.error_analysis runs/a runs/b --top 20 --dataset-cache qm9.npz
+
+Every argument is a finished workdir of ``experiments.qm9_u0`` (its ``predictions.csv``);
+several runs must share a split (the same molecules in the part). A molecule's class comes
+from its template SMILES in QM9 (``MoleculeSet.smiles``): ``zwitterion`` when it has both a
+positive and a negative formal charge (``[NH3+]...C([O-])=O``), ``ion`` when the charges do not
+cancel, ``neutral`` otherwise. The table gives each class's count, MAE and share of the total
+absolute error per run; the list the worst molecules by their mean absolute error over the
+runs. Writes ``benchmarks/results/errors-<device>-<date>.json`` unless ``--no-save``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import add_dataset_cache_argument, qm9_molecules, write_result
+
+__all__ = ["CLASSES", "analyse", "charge_class", "main", "table"]
+
+CLASSES = ("neutral", "zwitterion", "ion")
+_BRACKET = re.compile(r"\[([^\]]*)\]")
+_CHARGE = re.compile(r"(\++|-+)(\d*)$")  # "+", "++", "-", "+2" at the end of a bracket atom
+
+
+def charge_class(smiles: str) -> str:
+    """``"zwitterion"``, ``"ion"`` or ``"neutral"`` from the formal charges of a SMILES's
+    bracket atoms (``[NH3+]``, ``[O-]``, ``[N+2]``, ``[C--]``); a ``-`` outside brackets is a
+    bond."""
+    pos = neg = 0
+    for atom in _BRACKET.findall(smiles):
+        m = _CHARGE.search(atom.split(":")[0])  # an atom-map number follows the charge
+        if m is None:
+            continue
+        signs, digits = m.groups()
+        size = int(digits) if digits else len(signs)
+        if signs[0] == "+":
+            pos += size
+        else:
+            neg += size
+    if pos != neg:
+        return "ion"
+    return "zwitterion" if pos else "neutral"
+
+
+def _read(run: Path, part: str) -> dict[str, np.ndarray]:
+    from mpattn.train.report import read_predictions
+
+    path = run / "predictions.csv"
+    if not path.is_file():
+        raise ValueError(f"{run}: no predictions.csv (is the run finished?)")
+    parts = read_predictions(path)
+    if part not in parts:
+        raise ValueError(f"{path}: no '{part}' rows (parts: {sorted(parts)})")
+    return parts[part]
+
+
+def analyse(runs: dict[str, dict[str, np.ndarray]], smiles_of, *, top: int = 15) -> dict:
+    """Classes and worst molecules of ``runs`` (label -> predictions of one part, in eV).
+
+    Args:
+        runs: label -> ``{"id", "n_atoms", "true", "pred"}`` of the same molecules.
+        smiles_of: QM9 id -> template SMILES.
+        top: how many of the worst molecules to list.
+
+    Returns:
+        ``{"n", "classes": {class: {"n", "mae_mev": {label: ..}, "share": {label: ..}}},
+        "mae_mev": {label: ..}, "worst": [{"id", "n_atoms", "smiles", "class",
+        "error_mev": {label: ..}}]}``; errors are prediction minus truth.
+    """
+    labels = list(runs)
+    first = runs[labels[0]]
+    order = np.argsort(first["id"])
+    ids = first["id"][order]
+    errors = {}
+    for label, p in runs.items():
+        o = np.argsort(p["id"])
+        if not np.array_equal(p["id"][o], ids):
+            raise ValueError(f"run '{label}' predicts other molecules than '{labels[0]}' "
+                             "(another split?); analyse runs of one split together")
+        errors[label] = (p["pred"][o] - p["true"][o]) * 1000.0
+    smiles = [smiles_of(int(i)) for i in ids]
+    classes = np.array([charge_class(s) for s in smiles])
+    out = {"n": len(ids), "classes": {},
+           "mae_mev": {k: float(np.abs(e).mean()) for k, e in errors.items()}}
+    for c in CLASSES:
+        mask = classes == c
+        if not mask.any():
+            continue
+        out["classes"][c] = {
+            "n": int(mask.sum()),
+            "mae_mev": {k: float(np.abs(e[mask]).mean()) for k, e in errors.items()},
+            "share": {k: float(np.abs(e[mask]).sum() / np.abs(e).sum())
+                      for k, e in errors.items()}}
+    mean_abs = np.mean([np.abs(e) for e in errors.values()], axis=0)
+    n_atoms = first["n_atoms"][order]
+    out["worst"] = [{"id": int(ids[i]), "n_atoms": int(n_atoms[i]), "smiles": smiles[i],
+                     "class": str(classes[i]),
+                     "error_mev": {k: float(e[i]) for k, e in errors.items()}}
+                    for i in np.argsort(-mean_abs, kind="stable")[:top]]
+    return out
+
+
+def table(result: dict) -> str:
+    labels = list(result["mae_mev"])
+    lines = [f"{result['n']:,} molecules; MAE in meV (share of the total absolute error)",
+             f"{'class':<11}{'n':>6}  " + "  ".join(f"{k:>22}" for k in labels)]
+    lines.append(f"{'all':<11}{result['n']:>6}  "
+                 + "  ".join(f"{result['mae_mev'][k]:>22.1f}" for k in labels))
+    for c, row in result["classes"].items():
+        lines.append(f"{c:<11}{row['n']:>6}  " + "  ".join(
+            f"{row['mae_mev'][k]:>14.1f} ({row['share'][k]:5.1%})" for k in labels))
+    lines += ["", "worst molecules (error = prediction - truth, meV):"]
+    for w in result["worst"]:
+        errs = " ".join(f"{w['error_mev'][k]:+8.0f}" for k in labels)
+        lines.append(f"  id {w['id']:>6}  {w['n_atoms']:>2} atoms  {errs}  {w['class']:<10} "
+                     f"{w['smiles']}")
+    return "\n".join(lines)
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.error_analysis",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="finished experiments.qm9_u0 workdirs")
+    ap.add_argument("--labels", nargs="+", help="one name per run (default: folder names)")
+    ap.add_argument("--part", default="test", choices=("test", "val"))
+    ap.add_argument("--top", type=int, default=15, help="worst molecules to list")
+    ap.add_argument("--no-save", action="store_true", help="print only")
+    add_dataset_cache_argument(ap)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    labels = args.labels or [p.name for p in args.runs]
+    if len(labels) != len(args.runs) or len(set(labels)) != len(labels):
+        print("error_analysis: give one distinct label per run", file=sys.stderr)
+        return 2
+    try:
+        runs = {label: _read(p, args.part) for label, p in zip(labels, args.runs, strict=True)}
+        ms = qm9_molecules(args.dataset_cache)
+        index = {int(i): k for k, i in enumerate(ms.ids)}
+
+        def smiles_of(mol_id: int) -> str:
+            if mol_id not in index:
+                raise ValueError(f"QM9 id {mol_id} of the predictions is not in the dataset "
+                                 "(another dataset or cache?)")
+            return ms.smiles[index[mol_id]] if ms.smiles else ""
+
+        result = analyse(runs, smiles_of, top=args.top)
+    except ValueError as err:
+        print(f"error_analysis: {err}", file=sys.stderr)
+        return 2
+    print(table(result))
+    if not args.no_save:
+        runs_of = {k: str(p) for k, p in zip(labels, args.runs, strict=True)}
+        result = {"runs": runs_of, "part": args.part, **result}
+        print(f"wrote {write_result('errors', result)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

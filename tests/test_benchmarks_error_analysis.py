@@ -1,0 +1,83 @@
+"""benchmarks.error_analysis: charge classes of QM9 SMILES, per-class errors, worst molecules,
+and its errors for runs of another split or without predictions."""
+
+import numpy as np
+import pytest
+
+from benchmarks.error_analysis import analyse, charge_class, main, table
+from mpattn.data.cache import save_molset
+from mpattn.train.report import write_predictions
+
+
+@pytest.mark.parametrize("smiles, expected", [
+    ("[NH3+]CCCCCC([O-])=O", "zwitterion"),          # QM9 id 123126
+    ("NC(N)=[NH+][C-](C#C)C#N", "zwitterion"),       # QM9 id 57737
+    ("C12C3C4C1C1C2C3C41", "neutral"),               # cubane, QM9 id 19116
+    ("CC(C)C-C", "neutral"),                          # "-" outside brackets is a bond
+    ("[NH4+]", "ion"),
+    ("[O-][N+2][O-]", "zwitterion"),
+    ("[C--]=[N+]=[N+]", "zwitterion"),
+    ("[CH3:1][N+:2](C)(C)C", "ion"),                  # charge before the atom-map number
+])
+def test_charge_class(smiles, expected):
+    assert charge_class(smiles) == expected
+
+
+def _preds(ids, errors_mev, n_atoms=None):
+    ids = np.asarray(ids)
+    true = -100.0 - ids * 1e-3
+    return {"id": ids, "n_atoms": np.asarray(n_atoms if n_atoms is not None else [9] * len(ids)),
+            "true": true, "pred": true + np.asarray(errors_mev) / 1000.0}
+
+
+def test_classes_and_worst_molecules_by_hand():
+    smiles = {1: "CC", 2: "[NH3+]CC([O-])=O", 3: "CO", 4: "C#N"}
+    a = _preds([1, 2, 3, 4], [10.0, -400.0, 20.0, 30.0])
+    b = _preds([4, 3, 2, 1], [10.0, -20.0, 200.0, 30.0])  # another order: matched by id
+    out = analyse({"a": a, "b": b}, smiles.get, top=2)
+    assert out["n"] == 4
+    assert out["mae_mev"]["a"] == pytest.approx(115.0) and out["mae_mev"]["b"] == pytest.approx(65)
+    z, n = out["classes"]["zwitterion"], out["classes"]["neutral"]
+    assert (z["n"], n["n"]) == (1, 3) and "ion" not in out["classes"]
+    assert z["mae_mev"] == pytest.approx({"a": 400.0, "b": 200.0})
+    assert n["mae_mev"] == pytest.approx({"a": 20.0, "b": 20.0})
+    assert z["share"]["a"] == pytest.approx(400 / 460)
+    assert n["share"]["b"] == pytest.approx(60 / 260)
+    worst = out["worst"]
+    assert [w["id"] for w in worst] == [2, 1]  # mean |error| 300, then 20 (ties: id order)
+    assert worst[0]["error_mev"] == pytest.approx({"a": -400.0, "b": 200.0})
+    assert worst[0]["class"] == "zwitterion" and worst[0]["smiles"] == smiles[2]
+    text = table(out)
+    assert "zwitterion" in text and "400.0 (87.0%)" in text and "[NH3+]CC([O-])=O" in text
+    with pytest.raises(ValueError, match="predicts other molecules than 'a'"):
+        analyse({"a": a, "c": _preds([1, 2, 3, 5], [0.0] * 4)}, smiles.get)
+
+
+def test_command_line_on_a_real_qm9_slice(qm9_molset, tmp_path, capsys):
+    cache = tmp_path / "slice.npz"
+    save_molset(qm9_molset, cache)
+    ids = np.asarray(qm9_molset.ids[:6])
+    n_atoms = np.asarray(qm9_molset.n_atoms[:6])
+    true = -10.0 - np.arange(6)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_predictions(run / "predictions.csv", {
+        "val": (ids[:2], n_atoms[:2], true[:2], true[:2]),
+        "test": (ids, n_atoms, true, true + np.array([0.5, 0, 0, 0, 0, 0.1]))})
+    assert main([str(run), "--dataset-cache", str(cache), "--no-save", "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "6 molecules" in out and "100.0" in out  # MAE (500 + 100) / 6 meV
+    lines = [line for line in out.splitlines() if line.startswith("  id")]
+    assert len(lines) == 2 and f"id {ids[0]:>6}" in lines[0] and "+500" in lines[0]
+    assert qm9_molset.smiles[0] in lines[0]
+    # no predictions, or molecules the dataset lacks: a clear error
+    assert main([str(tmp_path / "none"), "--dataset-cache", str(cache), "--no-save"]) == 2
+    assert "no predictions.csv" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    write_predictions(other / "predictions.csv", {"test": (np.array([999_999]), np.array([9]),
+                                                           np.array([1.0]), np.array([1.0]))})
+    assert main([str(other), "--dataset-cache", str(cache), "--no-save"]) == 2
+    assert "QM9 id 999999 of the predictions is not in the dataset" in capsys.readouterr().err
+    assert main([str(run), str(other), "--labels", "x", "--no-save"]) == 2
+    assert "one distinct label per run" in capsys.readouterr().err
