@@ -16,6 +16,7 @@ runs. Writes ``benchmarks/results/errors-<device>-<date>.json`` unless ``--no-sa
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -57,6 +58,9 @@ def _read(run: Path, part: str) -> dict[str, np.ndarray]:
     path = run / "predictions.csv"
     if not path.is_file():
         raise ValueError(f"{run}: no predictions.csv (is the run finished?)")
+    results = run / "results.json"
+    if results.is_file() and "mae_mev" not in json.loads(results.read_text()).get("test", {}):
+        raise ValueError(f"{run}: its target is not an energy (errors here are in meV)")
     parts = read_predictions(path)
     if part not in parts:
         raise ValueError(f"{path}: no '{part}' rows (parts: {sorted(parts)})")

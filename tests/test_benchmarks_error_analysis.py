@@ -79,5 +79,8 @@ def test_command_line_on_a_real_qm9_slice(qm9_molset, tmp_path, capsys):
                                                            np.array([1.0]), np.array([1.0]))})
     assert main([str(other), "--dataset-cache", str(cache), "--no-save"]) == 2
     assert "QM9 id 999999 of the predictions is not in the dataset" in capsys.readouterr().err
+    (other / "results.json").write_text('{"target": "mu", "test": {"mae": 0.1}}')
+    assert main([str(other), "--dataset-cache", str(cache), "--no-save"]) == 2
+    assert "its target is not an energy" in capsys.readouterr().err
     assert main([str(run), str(other), "--labels", "x", "--no-save"]) == 2
     assert "one distinct label per run" in capsys.readouterr().err

@@ -76,8 +76,8 @@ ATTENTION_PRESET = {"attention_weights": "silu"}
 #: The attention potential under the ``standard`` preset (an accelerator's): PaiNN-style vector
 #: channels with summed vector messages and the silu weights, trained with the denoising
 #: regulariser (:data:`STANDARD_DENOISE`). With 15,000 training molecules on the CPU, to
-#: convergence (150 epochs, 2026-11-24): 25.7 meV test MAE (25.7, 26.2 and 25.9 in three
-#: runs) against 29.5 without denoising, 32.1 with softmax vector channels and 43.8 for the
+#: convergence (150 epochs, 2026-11-24): 25.7, 26.2 and 25.9 meV test MAE in three runs
+#: against 29.5 without denoising, 32.1 with softmax vector channels and 43.8 for the
 #: scalar model (README, "Toward 25 meV on the CPU"). The ``cpu`` preset keeps the scalar
 #: model: in its 10 minutes the vector channels, at 1.7x the cost per molecule, did not pay
 #: (58.5 against 58.3 meV; README, step 7).
