@@ -10,7 +10,9 @@ from its template SMILES in QM9 (``MoleculeSet.smiles``): ``zwitterion`` when it
 positive and a negative formal charge (``[NH3+]...C([O-])=O``), ``ion`` when the charges do not
 cancel, ``neutral`` otherwise. The table gives each class's count, MAE and share of the total
 absolute error per run; the list the worst molecules by their mean absolute error over the
-runs. Writes ``benchmarks/results/errors-<device>-<date>.json`` unless ``--no-save``.
+runs. Writes ``benchmarks/results/errors-<device>-<date>.json`` and ``.png`` (each
+molecule's error against its atom count, and the distribution of errors per class) unless
+``--no-save``; ``--out`` names the figure.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 
 from benchmarks.common import add_dataset_cache_argument, qm9_molecules, write_result
 
-__all__ = ["CLASSES", "analyse", "charge_class", "main", "table"]
+__all__ = ["CLASSES", "analyse", "charge_class", "main", "plot", "table"]
 
 CLASSES = ("neutral", "zwitterion", "ion")
 _BRACKET = re.compile(r"\[([^\]]*)\]")
@@ -110,7 +112,44 @@ def analyse(runs: dict[str, dict[str, np.ndarray]], smiles_of, *, top: int = 15)
                      "class": str(classes[i]),
                      "error_mev": {k: float(e[i]) for k, e in errors.items()}}
                     for i in np.argsort(-mean_abs, kind="stable")[:top]]
+    # per molecule, for the figure (not saved)
+    out["_molecules"] = {"n_atoms": n_atoms, "class": classes, "mean_abs_mev": mean_abs}
     return out
+
+
+def plot(result: dict, path: str | Path) -> Path:
+    """Two panels: each molecule's absolute error (mean over the runs) against its atom count,
+    by class, and the cumulative distribution of those errors per class (log scales)."""
+    from mpattn.train.report import _figure
+
+    plt = _figure()
+    mol = result["_molecules"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    colours = {"neutral": "tab:blue", "zwitterion": "tab:red", "ion": "tab:orange"}
+    jitter = np.random.default_rng(0).uniform(-0.25, 0.25, len(mol["n_atoms"]))
+    for c in CLASSES:
+        mask = mol["class"] == c
+        if not mask.any():
+            continue
+        err = np.maximum(mol["mean_abs_mev"][mask], 1e-2)
+        label = f"{c} ({mask.sum():,}, MAE {mol['mean_abs_mev'][mask].mean():.1f} meV)"
+        left.scatter(mol["n_atoms"][mask] + jitter[mask], err, s=4 if c == "neutral" else 14,
+                     alpha=0.35 if c == "neutral" else 0.9, color=colours[c], label=label)
+        right.plot(np.sort(err), np.arange(1, mask.sum() + 1) / mask.sum(), color=colours[c],
+                   label=label)
+    left.set(xlabel="atoms", ylabel="|error| (meV, mean over runs)", yscale="log")
+    right.set(xlabel="|error| (meV, mean over runs)", ylabel="fraction of molecules",
+              xscale="log")
+    for ax, where in ((left, "lower left"), (right, "upper left")):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc=where)
+    fig.suptitle(f"{result['n']:,} molecules, {len(result['mae_mev'])} run(s): "
+                 + ", ".join(f"{k} {v:.1f}" for k, v in result["mae_mev"].items()) + " meV MAE",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
 
 
 def table(result: dict) -> str:
@@ -137,7 +176,8 @@ def parse(argv=None):
     ap.add_argument("--labels", nargs="+", help="one name per run (default: folder names)")
     ap.add_argument("--part", default="test", choices=("test", "val"))
     ap.add_argument("--top", type=int, default=15, help="worst molecules to list")
-    ap.add_argument("--no-save", action="store_true", help="print only")
+    ap.add_argument("--out", type=Path, help="the figure's file (default: beside the JSON)")
+    ap.add_argument("--no-save", action="store_true", help="print only (a figure only with --out)")
     add_dataset_cache_argument(ap)
     return ap.parse_args(argv)
 
@@ -164,10 +204,16 @@ def main(argv=None) -> int:
         print(f"error_analysis: {err}", file=sys.stderr)
         return 2
     print(table(result))
+    out = args.out
     if not args.no_save:
         runs_of = {k: str(p) for k, p in zip(labels, args.runs, strict=True)}
-        result = {"runs": runs_of, "part": args.part, **result}
-        print(f"wrote {write_result('errors', result)}")
+        saved = {"runs": runs_of, "part": args.part,
+                 **{k: v for k, v in result.items() if not k.startswith("_")}}
+        written = write_result("errors", saved)
+        print(f"wrote {written}")
+        out = out or written.with_suffix(".png")
+    if out is not None:
+        print(f"wrote {plot(result, out)}")
     return 0
 
 

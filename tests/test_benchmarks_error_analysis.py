@@ -47,6 +47,9 @@ def test_classes_and_worst_molecules_by_hand():
     assert [w["id"] for w in worst] == [2, 1]  # mean |error| 300, then 20 (ties: id order)
     assert worst[0]["error_mev"] == pytest.approx({"a": -400.0, "b": 200.0})
     assert worst[0]["class"] == "zwitterion" and worst[0]["smiles"] == smiles[2]
+    mol = out["_molecules"]  # per molecule in id order, for the figure
+    np.testing.assert_allclose(mol["mean_abs_mev"], [20.0, 300.0, 20.0, 20.0])
+    assert list(mol["class"]) == ["neutral", "zwitterion", "neutral", "neutral"]
     text = table(out)
     assert "zwitterion" in text and "400.0 (87.0%)" in text and "[NH3+]CC([O-])=O" in text
     with pytest.raises(ValueError, match="predicts other molecules than 'a'"):
@@ -70,6 +73,9 @@ def test_command_line_on_a_real_qm9_slice(qm9_molset, tmp_path, capsys):
     lines = [line for line in out.splitlines() if line.startswith("  id")]
     assert len(lines) == 2 and f"id {ids[0]:>6}" in lines[0] and "+500" in lines[0]
     assert qm9_molset.smiles[0] in lines[0]
+    fig = tmp_path / "errors.png"
+    assert main([str(run), "--dataset-cache", str(cache), "--no-save", "--out", str(fig)]) == 0
+    assert fig.stat().st_size > 5000 and f"wrote {fig}" in capsys.readouterr().out
     # no predictions, or molecules the dataset lacks: a clear error
     assert main([str(tmp_path / "none"), "--dataset-cache", str(cache), "--no-save"]) == 2
     assert "no predictions.csv" in capsys.readouterr().err
