@@ -12,7 +12,8 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 __all__ = ["RESULTS", "add_dataset_cache_argument", "device_name", "machine_info",
-           "mse_adam_steps", "qm9_graphs", "qm9_molecules", "write_result"]
+           "mse_adam_steps", "qm9_graphs", "qm9_molecules", "save_result_and_figure",
+           "write_result"]
 
 
 def device_name() -> str:
@@ -94,6 +95,19 @@ def write_result(name: str, payload: dict, directory: Path = RESULTS) -> Path:
         path = directory / f"{stem}-{n}.json"
     path.write_text(json.dumps({"machine": info, **payload}, indent=1) + "\n")
     return path
+
+
+def save_result_and_figure(name: str, payload: dict, draw, *, out: Path | None = None,
+                           save: bool = True, directory: Path = RESULTS) -> None:
+    """The analysis scripts' outputs: ``payload`` through :func:`write_result` (unless not
+    ``save``) and the figure ``draw(path)`` beside it as ``.png``, or at ``out`` when given
+    (with ``save`` off, a figure only then); prints what it wrote."""
+    if save:
+        written = write_result(name, payload, directory)
+        print(f"wrote {written}")
+        out = out or written.with_suffix(".png")
+    if out is not None:
+        print(f"wrote {draw(out)}")
 
 
 def mse_adam_steps(model, lr: float = 1e-3, *, steps_per_call: int = 1):

@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import write_result
+from benchmarks.common import save_result_and_figure
 
 __all__ = ["Run", "METRICS", "compare", "ensemble_of", "main", "plot", "read_run", "table"]
 
@@ -266,13 +266,8 @@ def main(argv=None) -> int:
         return 2
     summary = compare(runs, args.at)
     print(table(summary))
-    out = args.out
-    if not args.no_save:
-        written = write_result("compare", summary)
-        print(f"wrote {written}")
-        out = out or written.with_suffix(".png")
-    if out is not None:
-        print(f"wrote {plot(runs, out, x=args.x)}")
+    save_result_and_figure("compare", summary, lambda path: plot(runs, path, x=args.x),
+                           out=args.out, save=not args.no_save)
     return 0
 
 

@@ -25,7 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import add_dataset_cache_argument, qm9_molecules, write_result
+from benchmarks.common import (
+    add_dataset_cache_argument,
+    qm9_molecules,
+    save_result_and_figure,
+)
 
 __all__ = ["CLASSES", "analyse", "charge_class", "main", "plot", "table"]
 
@@ -204,16 +208,10 @@ def main(argv=None) -> int:
         print(f"error_analysis: {err}", file=sys.stderr)
         return 2
     print(table(result))
-    out = args.out
-    if not args.no_save:
-        runs_of = {k: str(p) for k, p in zip(labels, args.runs, strict=True)}
-        saved = {"runs": runs_of, "part": args.part,
-                 **{k: v for k, v in result.items() if not k.startswith("_")}}
-        written = write_result("errors", saved)
-        print(f"wrote {written}")
-        out = out or written.with_suffix(".png")
-    if out is not None:
-        print(f"wrote {plot(result, out)}")
+    saved = {"runs": {k: str(p) for k, p in zip(labels, args.runs, strict=True)},
+             "part": args.part, **{k: v for k, v in result.items() if not k.startswith("_")}}
+    save_result_and_figure("errors", saved, lambda path: plot(result, path), out=args.out,
+                           save=not args.no_save)
     return 0
 
 

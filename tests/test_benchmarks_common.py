@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.common import qm9_graphs, write_result
+from benchmarks.common import qm9_graphs, save_result_and_figure, write_result
 
 
 def test_a_second_run_on_one_day_gets_its_own_file(tmp_path):
@@ -20,6 +20,26 @@ def test_a_second_run_on_one_day_gets_its_own_file(tmp_path):
     values = [json.loads(p.read_text())["value"] for p in (first, second, third)]
     assert values == [1, 2, 3]
     assert json.loads(first.read_text())["machine"]["date"] in first.name
+
+
+def test_result_and_figure_beside_it_or_where_asked(tmp_path, capsys):
+    drawn = []
+
+    def draw(path):
+        drawn.append(path)
+        return path
+
+    save_result_and_figure("errors", {"value": 1}, draw, directory=tmp_path / "res")
+    (json_file,) = (tmp_path / "res").glob("errors-*.json")
+    assert json.loads(json_file.read_text())["value"] == 1
+    assert drawn == [json_file.with_suffix(".png")]
+    out = capsys.readouterr().out
+    assert f"wrote {json_file}" in out and f"wrote {json_file.with_suffix('.png')}" in out
+    save_result_and_figure("errors", {}, draw, save=False, directory=tmp_path / "none")
+    assert len(drawn) == 1 and not (tmp_path / "none").exists()  # nothing at all
+    save_result_and_figure("errors", {}, draw, save=False, out=tmp_path / "f.png",
+                           directory=tmp_path / "none")
+    assert drawn[-1] == tmp_path / "f.png" and not (tmp_path / "none").exists()
 
 
 @pytest.fixture
