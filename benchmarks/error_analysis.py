@@ -10,7 +10,9 @@ from its template SMILES in QM9 (``MoleculeSet.smiles``): ``zwitterion`` when it
 positive and a negative formal charge (``[NH3+]...C([O-])=O``), ``ion`` when the charges do not
 cancel, ``neutral`` otherwise. The table gives each class's count, MAE and share of the total
 absolute error per run; the list the worst molecules by their mean absolute error over the
-runs. Writes ``benchmarks/results/errors-<device>-<date>.json`` and ``.png`` (each
+runs. With several runs it also gives the error of their mean prediction and whether their
+spread (what ``mpattn.load_ensemble`` reports as an uncertainty) flags the worst molecules.
+Writes ``benchmarks/results/errors-<device>-<date>.json`` and ``.png`` (each
 molecule's error against its atom count, and the distribution of errors per class) unless
 ``--no-save``; ``--out`` names the figure.
 """
@@ -116,9 +118,39 @@ def analyse(runs: dict[str, dict[str, np.ndarray]], smiles_of, *, top: int = 15)
                      "class": str(classes[i]),
                      "error_mev": {k: float(e[i]) for k, e in errors.items()}}
                     for i in np.argsort(-mean_abs, kind="stable")[:top]]
+    if len(errors) > 1:
+        out["ensemble"] = _ensemble(np.stack(list(errors.values())), classes)
     # per molecule, for the figure (not saved)
     out["_molecules"] = {"n_atoms": n_atoms, "class": classes, "mean_abs_mev": mean_abs}
     return out
+
+
+def _ensemble(errors: np.ndarray, classes: np.ndarray, *, widest: float = 0.05) -> dict:
+    """The mean prediction of the runs and whether their spread flags its errors.
+
+    ``errors`` [runs, molecules] (prediction minus truth, meV): the mean prediction's error is
+    their mean, the runs' spread (standard deviation of the predictions) their std. Returns
+    its MAE, per class its MAE and mean spread, the Spearman correlation of the spread with
+    the absolute error, and the MAE of the ``widest`` fraction of molecules by spread against
+    the rest (with their share of the total absolute error).
+    """
+    err, spread = np.abs(errors.mean(axis=0)), errors.std(axis=0)
+    k = max(1, int(round(widest * err.size)))
+    top = np.zeros(err.size, bool)
+    top[np.argsort(-spread, kind="stable")[:k]] = True
+    from scipy.stats import spearmanr
+
+    ranks = spearmanr(spread, err).statistic if err.size > 2 else float("nan")
+    return {
+        "runs": int(errors.shape[0]), "mae_mev": float(err.mean()),
+        "spread_mev": float(spread.mean()), "spearman_spread_error": float(ranks),
+        "classes": {c: {"mae_mev": float(err[classes == c].mean()),
+                        "spread_mev": float(spread[classes == c].mean())}
+                    for c in CLASSES if (classes == c).any()},
+        "widest": {"fraction": widest, "n": k, "mae_mev": float(err[top].mean()),
+                   "rest_mae_mev": float(err[~top].mean()) if (~top).any() else float("nan"),
+                   "share": float(err[top].sum() / err.sum()) if err.sum() else 0.0,
+                   "zwitterions": int((classes[top] == "zwitterion").sum())}}
 
 
 def plot(result: dict, path: str | Path) -> Path:
@@ -165,6 +197,16 @@ def table(result: dict) -> str:
     for c, row in result["classes"].items():
         lines.append(f"{c:<11}{row['n']:>6}  " + "  ".join(
             f"{row['mae_mev'][k]:>14.1f} ({row['share'][k]:5.1%})" for k in labels))
+    if "ensemble" in result:
+        e, w = result["ensemble"], result["ensemble"]["widest"]
+        lines += ["", f"the mean prediction of the {e['runs']} runs: MAE {e['mae_mev']:.1f} meV; "
+                  f"their spread {e['spread_mev']:.1f} meV on average ("
+                  + ", ".join(f"{c} {row['mae_mev']:.1f} MAE, {row['spread_mev']:.1f} spread"
+                              for c, row in e["classes"].items()) + ")",
+                  f"  spread against |error|: Spearman {e['spearman_spread_error']:.2f}; the "
+                  f"{w['fraction']:.0%} widest-spread molecules ({w['n']:,}, "
+                  f"{w['zwitterions']} zwitterions): MAE {w['mae_mev']:.1f} meV against "
+                  f"{w['rest_mae_mev']:.1f} for the rest, {w['share']:.1%} of the error"]
     lines += ["", "worst molecules (error = prediction - truth, meV):"]
     for w in result["worst"]:
         errs = " ".join(f"{w['error_mev'][k]:+8.0f}" for k in labels)

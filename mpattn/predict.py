@@ -6,6 +6,10 @@
 Command line: ``python -m mpattn.predict WORKDIR molecules.xyz [--out predictions.csv]
 [--which best|latest] [--batch-size N]`` (every frame of an xyz/extxyz file).
 
+Several runs of one target: ``mpattn.load_ensemble([wd_a, wd_b, wd_c])`` gives their mean
+prediction and, with ``.predict``, their spread (an uncertainty); on the command line, name
+several workdirs before the molecules file (the CSV gains a ``<target>_std`` column).
+
 Model, configs and target transform come from the checkpoint's metadata; predictions are
 decoded in float64 with each molecule's element counts: the full target (e.g. U0 including
 the per-element reference), not the residual the model learned.
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Predictor", "load_predictor", "main"]
+__all__ = ["Ensemble", "Predictor", "load_ensemble", "load_predictor", "main"]
 
 
 def _level(x: int) -> int:
@@ -134,15 +138,18 @@ class Predictor:
         """
         from ase import Atoms
 
-        from mpattn.graph import Budget, pad_batch
-        from mpattn.train.targets import element_counts
-
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         atoms_list = [atoms_list] if isinstance(atoms_list, Atoms) else list(atoms_list)
         if not atoms_list:
             return np.zeros(0, np.float64)
-        gs = self._graphs(atoms_list)
+        return self._predict(self._graphs(atoms_list), batch_size)
+
+    def _predict(self, gs, batch_size: int) -> np.ndarray:
+        """Decoded predictions [len(gs)] of featurized molecules (from :meth:`_graphs`)."""
+        from mpattn.graph import Budget, pad_batch
+        from mpattn.train.targets import element_counts
+
         out = np.empty(len(gs), np.float64)
         for lo in range(0, len(gs), batch_size):
             index = np.arange(lo, min(lo + batch_size, len(gs)))
@@ -194,12 +201,101 @@ def load_predictor(workdir: str | Path, *, which: str = "best") -> Predictor:
                      step=meta.get("checkpoint", {}).get("step"), epoch=meta.get("epoch"))
 
 
+class Ensemble:
+    """Several trained runs of one target as one predictor: the mean of their predictions,
+    and their spread as an uncertainty; build it with :func:`load_ensemble`.
+
+    On QM9 U0 (15,000 training molecules, 2026-11-24) the mean of three denoising runs'
+    predictions had a test MAE of 22.8 meV against 25.7-26.2 meV for the runs alone (README,
+    "Toward 25 meV on the CPU"). Molecules are featurized once per distinct featurization of
+    the members (most ensembles share one).
+
+    Attributes:
+        members: the :class:`Predictor` of each run; target, unit: theirs (all equal).
+    """
+
+    def __init__(self, members, *, names=None):
+        members = list(members)
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        names = [str(n) for n in names] if names is not None else \
+            [f"member {i}" for i in range(len(members))]
+        if len(names) != len(members):
+            raise ValueError(f"{len(names)} names for {len(members)} members")
+        first = members[0]
+        for name, m in zip(names[1:], members[1:], strict=True):
+            if (m.target, m.unit) != (first.target, first.unit):
+                raise ValueError(f"{name} predicts {m.target!r} [{m.unit}], {names[0]} "
+                                 f"{first.target!r} [{first.unit}]: an ensemble needs one "
+                                 "target")
+        self.members, self.names = members, names
+        self.target, self.unit = first.target, first.unit
+
+    def __repr__(self) -> str:
+        return f"Ensemble({len(self.members)} members, target={self.target!r})"
+
+    def predict_all(self, atoms_list, *, batch_size: int = 64) -> np.ndarray:
+        """Every member's predictions: float64 [num_members, num_molecules].
+
+        Raises:
+            ValueError: as :meth:`Predictor.__call__` (a molecule with an element some
+                member never saw is named).
+        """
+        from ase import Atoms
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        atoms_list = [atoms_list] if isinstance(atoms_list, Atoms) else list(atoms_list)
+        out = np.zeros((len(self.members), len(atoms_list)), np.float64)
+        if not atoms_list:
+            return out
+        graphs: dict = {}  # (options, elements) -> GraphSet: featurize once per kind
+        for i, m in enumerate(self.members):
+            key = (m.options, m.elements)
+            if key not in graphs:
+                graphs[key] = m._graphs(atoms_list)
+            out[i] = m._predict(graphs[key], batch_size)
+        return out
+
+    def predict(self, atoms_list, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """``(mean, spread)``, each float64 [num_molecules] in :attr:`unit`: the members'
+        mean and their standard deviation (``ddof=0``; 0 for a single member)."""
+        every = self.predict_all(atoms_list, batch_size=batch_size)
+        return every.mean(axis=0), every.std(axis=0)
+
+    def __call__(self, atoms_list, *, batch_size: int = 64) -> np.ndarray:
+        """The members' mean prediction [num_molecules] (like :meth:`Predictor.__call__`)."""
+        return self.predict(atoms_list, batch_size=batch_size)[0]
+
+
+def load_ensemble(workdirs, *, which: str = "best") -> Ensemble:
+    """:func:`load_predictor` on each workdir, as one :class:`Ensemble`.
+
+    Raises:
+        ValueError: no workdir, a workdir given twice, one that cannot be loaded (named), or
+            runs of different targets.
+    """
+    workdirs = [Path(w) for w in workdirs]
+    if not workdirs:
+        raise ValueError("load_ensemble needs at least one workdir")
+    seen = set()
+    for w in workdirs:
+        if w.resolve() in seen:
+            raise ValueError(f"{w} is given twice: its predictions would count double")
+        seen.add(w.resolve())
+    return Ensemble([load_predictor(w, which=which) for w in workdirs],
+                    names=[str(w) for w in workdirs])
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mpattn.predict WORKDIR molecules.xyz``; returns the exit code."""
+    """``python -m mpattn.predict WORKDIR [WORKDIR ...] molecules.xyz``; returns the exit
+    code. Several workdirs predict as an :class:`Ensemble`: the mean and its spread."""
     parser = argparse.ArgumentParser(
         prog="python -m mpattn.predict",
-        description="Predict a trained run's target for every frame of an xyz/extxyz file.")
-    parser.add_argument("workdir", type=Path, help="the training run's folder")
+        description="Predict a trained run's target for every frame of an xyz/extxyz file "
+                    "(several runs: their mean and spread).")
+    parser.add_argument("workdirs", type=Path, nargs="+", metavar="workdir",
+                        help="the training run's folder (several: an ensemble)")
     parser.add_argument("molecules", type=Path, help="(multi-frame) xyz or extxyz file")
     parser.add_argument("--out", type=Path, help="write a CSV here instead of printing")
     parser.add_argument("--which", choices=("best", "latest"), default="best",
@@ -225,23 +321,34 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"cannot read molecules from {args.molecules}: {type(err).__name__}: {err}")
     if not frames:
         return fail(f"{args.molecules} holds no molecules")
+    several = len(args.workdirs) > 1
     try:
-        predictor = load_predictor(args.workdir, which=args.which)
-        values = predictor(frames, batch_size=args.batch_size)
+        if several:
+            predictor = load_ensemble(args.workdirs, which=args.which)
+            values, spread = predictor.predict(frames, batch_size=args.batch_size)
+        else:
+            predictor = load_predictor(args.workdirs[0], which=args.which)
+            values = predictor(frames, batch_size=args.batch_size)
     except ValueError as err:
         return fail(str(err))
-    header = ["index", "formula", predictor.target, "unit"]
-    rows = [[i, a.get_chemical_formula(), repr(float(v)), predictor.unit]
+    target, unit = predictor.target, predictor.unit
+    header = ["index", "formula", target] + ([f"{target}_std"] if several else []) + ["unit"]
+    rows = [[i, a.get_chemical_formula(), repr(float(v))]
+            + ([repr(float(spread[i]))] if several else []) + [unit]
             for i, (a, v) in enumerate(zip(frames, values, strict=True))]
+    what = f"the mean of {len(args.workdirs)} runs' " if several else ""
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with args.out.open("w", newline="") as f:
             csv.writer(f).writerows([header, *rows])
-        print(f"wrote {len(rows)} predictions of {predictor.target} to {args.out}")
+        runs = f" (the mean of {len(args.workdirs)} runs, with their spread)" if several else ""
+        print(f"wrote {len(rows)} predictions of {target}{runs} to {args.out}")
     else:
-        print(f"{'index':>6}  {'formula':<16} {predictor.target} [{predictor.unit}]")
-        for i, formula, v, _ in rows:
-            print(f"{i:>6}  {formula:<16} {float(v):.6f}")
+        extra = f"  {'std':>10}" if several else ""
+        print(f"{'index':>6}  {'formula':<16} {what}{target} [{unit}]{extra}")
+        for row in rows:
+            std = f"  {float(row[3]):10.6f}" if several else ""
+            print(f"{row[0]:>6}  {row[1]:<16} {float(row[2]):.6f}{std}")
     return 0
 
 

@@ -52,6 +52,20 @@ def test_classes_and_worst_molecules_by_hand():
     assert list(mol["class"]) == ["neutral", "zwitterion", "neutral", "neutral"]
     text = table(out)
     assert "zwitterion" in text and "400.0 (87.0%)" in text and "[NH3+]CC([O-])=O" in text
+    # the mean prediction's errors by id: 20, -100, 0, 20; the spread |a - b| / 2: 10, 300, 20, 10
+    ens = out["ensemble"]
+    assert ens["runs"] == 2 and ens["mae_mev"] == pytest.approx(35.0)
+    assert ens["spread_mev"] == pytest.approx(85.0)
+    assert ens["classes"]["zwitterion"] == pytest.approx({"mae_mev": 100.0, "spread_mev": 300.0})
+    assert ens["classes"]["neutral"] == pytest.approx({"mae_mev": 40 / 3, "spread_mev": 40 / 3})
+    # ranks with ties averaged: spread 1.5, 4, 3, 1.5 and |error| 2.5, 4, 1, 2.5 -> 1.5 / 4.5
+    assert ens["spearman_spread_error"] == pytest.approx(1 / 3)
+    assert ens["widest"] == pytest.approx({"fraction": 0.05, "n": 1, "mae_mev": 100.0,
+                                           "rest_mae_mev": 40 / 3, "share": 100 / 140,
+                                           "zwitterions": 1})
+    assert "the mean prediction of the 2 runs: MAE 35.0 meV" in text
+    assert "Spearman 0.33" in text and "MAE 100.0 meV against 13.3 for the rest" in text
+    assert "ensemble" not in analyse({"a": a}, smiles.get)
     with pytest.raises(ValueError, match="predicts other molecules than 'a'"):
         analyse({"a": a, "c": _preds([1, 2, 3, 5], [0.0] * 4)}, smiles.get)
 

@@ -14,7 +14,7 @@ import pytest
 from ase import Atoms
 
 from mpattn.data.cache import save_molset
-from mpattn.predict import Predictor, load_predictor, main
+from mpattn.predict import Ensemble, Predictor, load_ensemble, load_predictor, main
 from mpattn.train.loop import TrainConfig
 
 TINY = {"interactions": 2, "dim": 32, "num_filters": 32, "num_rbf": 16, "cutoff": 5.0}
@@ -33,6 +33,19 @@ def workdir(qm9_molset, tmp_path_factory) -> Path:
     run_qm9(CONFIG, workdir=root / "run", sizes=SIZES, dataset_cache=root / "qm9-slice.npz",
             model_overrides=TINY, progress=False, log=lambda *_: None)
     return root / "run"
+
+
+@pytest.fixture(scope="module")
+def second_workdir(workdir) -> Path:
+    """Another tiny SchNet run (seed 2: other initial weights and split) for ensembles."""
+    import dataclasses
+
+    from mpattn.train.experiment import run_qm9
+
+    run_qm9(dataclasses.replace(CONFIG, seed=2), workdir=workdir.parent / "run2", sizes=SIZES,
+            dataset_cache=workdir.parent / "qm9-slice.npz", model_overrides=TINY,
+            progress=False, log=lambda *_: None)
+    return workdir.parent / "run2"
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +185,70 @@ def test_load_predictor_is_lazy_on_the_package():
     import sys
 
     code = ("import sys, mpattn; assert 'jax' not in sys.modules, 'jax imported eagerly'; "
-            "from mpattn.predict import load_predictor; "
-            "assert mpattn.load_predictor is load_predictor; print('LAZY')")
+            "from mpattn.predict import load_ensemble, load_predictor; "
+            "assert mpattn.load_predictor is load_predictor; "
+            "assert mpattn.load_ensemble is load_ensemble; print('LAZY')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "LAZY" in out.stdout, out.stderr[-2000:]
+
+
+def test_ensemble_is_the_mean_of_its_members(workdir, second_workdir, predictor, test_split):
+    """Mean and spread against the members' own predictions (two runs: std = |a - b| / 2)."""
+    _, atoms = test_split
+    a, b = predictor(atoms), load_predictor(second_workdir)(atoms)
+    assert np.abs(a - b).max() > 1e-3  # two different models, else the test proves nothing
+    ens = load_ensemble([workdir, second_workdir])
+    assert ens.names == [str(workdir), str(second_workdir)] and ens.target == "U0"
+    # another batch size pads differently: float32 sums in another order (1e-5 eV = 0.01 meV)
+    np.testing.assert_allclose(ens.predict_all(atoms, batch_size=7), [a, b], rtol=0, atol=1e-5)
+    mean, spread = ens.predict(atoms)
+    np.testing.assert_allclose(mean, (a + b) / 2, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(spread, np.abs(a - b) / 2, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(ens(atoms), mean, rtol=0, atol=1e-12)
+    one_mean, one_spread = Ensemble([predictor]).predict(atoms[:5])
+    np.testing.assert_allclose(one_mean, a[:5], rtol=0, atol=1e-5)  # other padding, as above
+    assert np.all(one_spread == 0)
+    assert ens.predict_all([]).shape == (2, 0)
+
+
+def test_ensemble_bad_input(workdir, predictor, tmp_path):
+    import copy
+
+    with pytest.raises(ValueError, match="load_ensemble needs at least one workdir"):
+        load_ensemble([])
+    with pytest.raises(ValueError, match=rf"{workdir} is given twice"):
+        load_ensemble([workdir, workdir])
+    with pytest.raises(ValueError, match=rf"cannot load a predictor from {tmp_path}"):
+        load_ensemble([workdir, tmp_path])
+    gap = copy.copy(predictor)
+    gap.target, gap.unit = "gap", "eV"
+    with pytest.raises(ValueError, match=r"b predicts 'gap' \[eV\], a 'U0' \[eV\]: an "
+                                         "ensemble needs one target"):
+        Ensemble([predictor, gap], names=["a", "b"])
+    with pytest.raises(ValueError, match="1 names for 2 members"):
+        Ensemble([predictor, predictor], names=["a"])
+    with pytest.raises(ValueError, match="at least one member"):
+        Ensemble([])
+
+
+def test_command_line_ensemble(workdir, second_workdir, test_split, tmp_path, capsys):
+    import ase.io
+
+    _, atoms = test_split
+    xyz = tmp_path / "four.xyz"
+    ase.io.write(xyz, atoms[:4])
+    frames = ase.io.read(xyz, index=":")
+    mean, spread = load_ensemble([workdir, second_workdir]).predict(frames)
+    out = tmp_path / "pred.csv"
+    assert main([str(workdir), str(second_workdir), str(xyz), "--out", str(out)]) == 0
+    assert "(the mean of 2 runs, with their spread)" in capsys.readouterr().out
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["index", "formula", "U0", "U0_std", "unit"]
+    np.testing.assert_allclose([float(r["U0"]) for r in rows], mean, rtol=0, atol=1e-9)
+    np.testing.assert_allclose([float(r["U0_std"]) for r in rows], spread, rtol=0, atol=1e-9)
+    assert main([str(workdir), str(second_workdir), str(xyz)]) == 0
+    printed = capsys.readouterr().out
+    assert "the mean of 2 runs' U0 [eV]" in printed and f"{spread[3]:10.6f}" in printed
+    assert main([str(workdir), str(workdir), str(xyz)]) == 2
+    assert "is given twice" in capsys.readouterr().err
