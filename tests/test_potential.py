@@ -24,10 +24,12 @@ from mpattn.models.potential import (
     Potential,
     Reference,
     ReferenceState,
+    coulomb_energy,
     energy_and_forces,
     energy_force_loss,
     fit_reference,
     force_metrics,
+    neutral_charges,
     smooth_graph_attention,
 )
 from mpattn.models.schnet import SchNet, SchNetConfig
@@ -57,6 +59,9 @@ def pots():
         "silu": Potential(AttentionPotential(dataclasses.replace(
             CFG, vector_features=True, vector_messages="sum", attention_weights="silu"),
             rngs=nnx.Rngs(0)), reference=REF),
+        "coulomb": Potential(AttentionPotential(dataclasses.replace(
+            CFG, vector_features=True, vector_messages="sum", attention_weights="silu",
+            electrostatics=True), rngs=nnx.Rngs(0)), reference=REF),
         "plain": Potential(AttentionPotential(dataclasses.replace(CFG, smooth=False, steps=1),
                                               rngs=nnx.Rngs(0)), reference=REF),
         "crystal": Potential(attn, elements=("Si", "Cu")),
@@ -119,7 +124,8 @@ def ethanol(seed=0):
 # ------------------------------------------------------------------ forces and invariances
 
 
-@pytest.mark.parametrize("kind", ["attention", "schnet", "vector", "vector_sum", "silu"])
+@pytest.mark.parametrize("kind", ["attention", "schnet", "vector", "vector_sum", "silu",
+                                  "coulomb"])
 def test_forces_equal_finite_differences(x64, pots, kind):
     """Potential(AttentionPotential) and Potential(SchNet) on width-0 features, float64."""
     a = ethanol()
@@ -161,7 +167,8 @@ def test_periodic_supercell_is_extensive(x64, pots):
     np.testing.assert_allclose(forces[4:12], np.tile(forces[:4], (2, 1)), atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["attention", "schnet", "vector", "vector_sum", "silu"])
+@pytest.mark.parametrize("kind", ["attention", "schnet", "vector", "vector_sum", "silu",
+                                  "coulomb"])
 def test_rotation_translation_permutation(x64, pots, kind):
     """Energy invariant, forces rotate with the structure and follow atom permutations."""
     rng = np.random.default_rng(0)
@@ -229,6 +236,73 @@ def test_denoising_head_rotates_with_the_molecule(x64):
         dataclasses.replace(CFG, denoise=True)
 
 
+# ------------------------------------------------------------------ electrostatics
+
+
+def test_neutral_charges_and_coulomb_energy_by_hand():
+    """Two molecules (3 and 2 atoms) and a padding node: charges shifted to sum 0 per
+    molecule; the Coulomb shares against a double loop over the pairs."""
+    raw = np.array([0.3, -0.1, 0.4, 1.0, 0.2, 9.0])
+    n_node = np.array([3, 2, 1], np.int32)
+    mask = np.array([True] * 5 + [False])
+    q = np.asarray(neutral_charges(jnp.asarray(raw), jnp.asarray(n_node), jnp.asarray(mask)))
+    np.testing.assert_allclose(q, [0.3 - 0.2, -0.1 - 0.2, 0.4 - 0.2, 0.4, -0.4, 0.0],
+                               atol=1e-7)
+    # directed edges of both molecules (every pair both ways) and one padding edge
+    pairs = [(0, 1, 1.2), (0, 2, 3.0), (1, 2, 4.5), (3, 4, 2.0)]
+    env = {1.2: 0.9, 3.0: 0.5, 4.5: 0.1, 2.0: 0.7}  # any envelope values: passed through
+    snd = [i for i, j, _ in pairs] + [j for i, j, _ in pairs] + [5]
+    rcv = [j for i, j, _ in pairs] + [i for i, j, _ in pairs] + [5]
+    dist = [r for *_, r in pairs] * 2 + [0.0]
+    e = np.asarray(coulomb_energy(jnp.asarray(q), jnp.asarray(dist),
+                                  jnp.asarray([env[r] for r in dist[:-1]] + [1.0]),
+                                  senders=jnp.asarray(snd), receivers=jnp.asarray(rcv)))
+    expected = np.zeros(6)
+    for i, j, r in pairs:
+        pair = q[i] * q[j] * env[r] / np.sqrt(r * r + 1.0)
+        expected[i] += pair / 2
+        expected[j] += pair / 2
+    np.testing.assert_allclose(e, expected, atol=1e-7)
+    assert e[:3].sum() == pytest.approx(sum(q[i] * q[j] * env[r] / np.sqrt(r * r + 1)
+                                            for i, j, r in pairs[:3]), abs=1e-7)
+
+
+def test_electrostatics_adds_the_coulomb_sum_of_its_charges(x64, pots):
+    """The model's energy is its short-range energy (the same weights with zero charges)
+    plus the Coulomb sum of the charges it reports, computed here over every pair."""
+    model = pots["coulomb"].model
+    mols = [ethanol(), molecule("CH3COOH")]
+    graph = pad([radius_graph(m.numbers, m.positions, CFG.cutoff) for m in mols],
+                dtype=np.float64)
+    energy, q = (np.asarray(a) for a in model(graph, charges=True))
+    sizes = [len(m) for m in mols]
+    np.testing.assert_allclose([q[:9].sum(), q[9:17].sum()], 0.0, atol=1e-12)
+    np.testing.assert_array_equal(q[17:], 0.0)
+    assert np.abs(q[:17]).max() > 1e-3
+    zeroed = AttentionPotential(model.config, rngs=nnx.Rngs(0))  # the fixture's weights
+    np.testing.assert_allclose(zeroed(graph), energy, rtol=1e-12)
+    for var in (zeroed.charge_head.kernel, zeroed.charge_head.bias):
+        var[...] = jnp.zeros_like(var[...])
+    short = np.asarray(zeroed(graph))
+    start = 0
+    for k, (m, n) in enumerate(zip(mols, sizes, strict=True)):
+        pos, qm, e_c = m.positions, q[start:start + n], 0.0
+        for i in range(n):
+            for j in range(i + 1, n):
+                r = np.linalg.norm(pos[i] - pos[j])
+                if r < CFG.cutoff:
+                    x = r / CFG.cutoff  # the polynomial envelope, p = 6
+                    env = 1 - 28 * x**6 + 48 * x**7 - 21 * x**8
+                    e_c += qm[i] * qm[j] * env / np.sqrt(r * r + 1)
+        np.testing.assert_allclose(energy[k] - short[k], e_c, rtol=1e-9, atol=1e-12)
+        start += n
+    per_graph, per_atom = model(graph, per_atom=True)
+    np.testing.assert_allclose(np.asarray(per_atom)[:9].sum(), energy[0], rtol=1e-12)
+    with pytest.raises(ValueError, match="charges=True needs a model built with "
+                                         "electrostatics=True"):
+        pots["silu"].model(graph, charges=True)
+
+
 # ------------------------------------------------------------------ smoothness at the cutoff
 
 
@@ -244,7 +318,7 @@ def test_energy_continuous_across_cutoff(x64, pots):
                 graphs.append(radius_graph(z[:n], base[:n] + [[0, 0, 0], [sign * e, 0, 0],
                                                               [0, 0, 0]][:n], rc))
     first = np.cumsum([0] + [len(g.nodes["z"]) for g in graphs])[:-1]
-    for kind in ("attention", "vector", "vector_sum", "silu", "plain"):
+    for kind in ("attention", "vector", "vector_sum", "silu", "coulomb", "plain"):
         energy, forces = run(pots[kind], pad(graphs, dtype=np.float64))
         jump = np.abs(energy[1:12:2] - energy[:12:2]).reshape(2, 3)
         f_in = np.abs(forces[first[:12:2] + 1, 0]).reshape(2, 3)  # on the crossing O
@@ -309,7 +383,7 @@ def test_smooth_graph_attention_silu_by_hand():
 # ------------------------------------------------------------------ padding
 
 
-@pytest.mark.parametrize("kind", ["attention", "vector", "vector_sum", "silu"])
+@pytest.mark.parametrize("kind", ["attention", "vector", "vector_sum", "silu", "coulomb"])
 def test_padding_never_changes_real_graphs(pots, kind):
     """Ethanol + water padded with extra nodes, edges and graphs (junk padding positions)
     equal each molecule padded alone; padding graphs get energy 0, padding nodes force 0."""
@@ -499,7 +573,7 @@ def with_pairs(graph):
     return graph._replace(edges={**graph.edges, "pair": pair})
 
 
-@pytest.mark.parametrize("kind", ["attention", "schnet", "crystal", "vector"])
+@pytest.mark.parametrize("kind", ["attention", "schnet", "crystal", "vector", "coulomb"])
 def test_pair_slots_give_the_same_energy_and_exact_forces(x64, pots, kind):
     """Radial networks once per pair: same energies/forces as per edge, forces = -dE/dx (FD)."""
     if kind == "crystal":
