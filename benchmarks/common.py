@@ -11,9 +11,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-__all__ = ["RESULTS", "add_dataset_cache_argument", "device_name", "machine_info",
-           "mse_adam_steps", "qm9_graphs", "qm9_molecules", "save_result_and_figure",
-           "write_result"]
+__all__ = ["RESULTS", "add_dataset_cache_argument", "align_by_id", "device_name",
+           "machine_info", "mse_adam_steps", "qm9_graphs", "qm9_molecules",
+           "save_result_and_figure", "write_result"]
 
 
 def device_name() -> str:
@@ -57,6 +57,35 @@ def add_dataset_cache_argument(ap) -> None:
     qm9pack when given one (a machine without qm9pack or RDKit, such as a lent GPU host)."""
     ap.add_argument("--dataset-cache", type=Path, default=None,
                     help="featurized QM9 cache file (qm9-<key>.npz; no qm9pack/RDKit needed)")
+
+
+def align_by_id(runs: dict, what: str = "molecules") -> tuple:
+    """Match several runs' predictions of the same molecules by QM9 id.
+
+    Args:
+        runs: label -> ``{"id": ..., ...}`` (a part of
+            :func:`mpattn.train.report.read_predictions`), in any row order.
+        what: the rows' name in the error (e.g. ``"test molecules"``).
+
+    Returns:
+        ``(ids, orders)``: the sorted ids and, per label, the row order that puts that run's
+        arrays in ``ids`` order (``p["pred"][orders[label]]``).
+
+    Raises:
+        ValueError: a run holds other molecules than the first (another split), named.
+    """
+    import numpy as np
+
+    labels = list(runs)
+    orders = {labels[0]: np.argsort(runs[labels[0]]["id"], kind="stable")}
+    ids = np.asarray(runs[labels[0]]["id"])[orders[labels[0]]]
+    for label in labels[1:]:
+        o = np.argsort(runs[label]["id"], kind="stable")
+        if not np.array_equal(np.asarray(runs[label]["id"])[o], ids):
+            raise ValueError(f"run {label!r} has other {what} than {labels[0]!r} (not the "
+                             "same split)")
+        orders[label] = o
+    return ids, orders
 
 
 def qm9_molecules(dataset_cache: Path | None = None):

@@ -29,6 +29,7 @@ import numpy as np
 
 from benchmarks.common import (
     add_dataset_cache_argument,
+    align_by_id,
     qm9_molecules,
     save_result_and_figure,
 )
@@ -90,15 +91,10 @@ def analyse(runs: dict[str, dict[str, np.ndarray]], smiles_of, *, top: int = 15)
     """
     labels = list(runs)
     first = runs[labels[0]]
-    order = np.argsort(first["id"])
-    ids = first["id"][order]
-    errors = {}
-    for label, p in runs.items():
-        o = np.argsort(p["id"])
-        if not np.array_equal(p["id"][o], ids):
-            raise ValueError(f"run '{label}' predicts other molecules than '{labels[0]}' "
-                             "(another split?); analyse runs of one split together")
-        errors[label] = (p["pred"][o] - p["true"][o]) * 1000.0
+    ids, orders = align_by_id(runs)
+    order = orders[labels[0]]
+    errors = {label: (p["pred"][orders[label]] - p["true"][orders[label]]) * 1000.0
+              for label, p in runs.items()}
     smiles = [smiles_of(int(i)) for i in ids]
     classes = np.array([charge_class(s) for s in smiles])
     out = {"n": len(ids), "classes": {},

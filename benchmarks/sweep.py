@@ -44,7 +44,13 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS, add_dataset_cache_argument, device_name, write_result
+from benchmarks.common import (
+    RESULTS,
+    add_dataset_cache_argument,
+    align_by_id,
+    device_name,
+    write_result,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 # the cpu preset gives the attention potential silu weights; these variants name theirs
@@ -243,18 +249,10 @@ def ensemble(predictions: dict[str, dict]) -> dict:
         raise ValueError(f"an ensemble needs at least 2 runs, got {names}")
     out = {"members": names}
     for part in ("val", "test"):
-        first = predictions[names[0]][part]
-        order = np.argsort(first["id"])
-        ids = first["id"][order]
-        preds = []
-        for name in names:
-            p = predictions[name][part]
-            o = np.argsort(p["id"])
-            if not np.array_equal(p["id"][o], ids):
-                raise ValueError(f"ensemble: run {name!r} has other {part} molecules than "
-                                 f"{names[0]!r} (not the same split)")
-            preds.append(p["pred"][o])
-        out[part] = _errors_mev(np.mean(preds, axis=0), first["true"][order])
+        runs = {name: predictions[name][part] for name in names}
+        _, orders = align_by_id(runs, f"{part} molecules")
+        preds = [runs[name]["pred"][orders[name]] for name in names]
+        out[part] = _errors_mev(np.mean(preds, axis=0), runs[names[0]]["true"][orders[names[0]]])
     return out
 
 

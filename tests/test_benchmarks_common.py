@@ -1,4 +1,5 @@
-"""benchmarks.common: result files are never overwritten; QM9 from a cache file."""
+"""benchmarks.common: result files are never overwritten; QM9 from a cache file; runs' predictions
+matched by id."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.common import qm9_graphs, save_result_and_figure, write_result
+from benchmarks.common import align_by_id, qm9_graphs, save_result_and_figure, write_result
 
 
 def test_a_second_run_on_one_day_gets_its_own_file(tmp_path):
@@ -154,3 +155,14 @@ def test_mse_adam_steps_rejects_bad_steps_per_call(k):
     with pytest.raises(ValueError, match=rf"^steps_per_call must be a positive integer, "
                                          rf"got {k}$"):
         mse_adam_steps(_tiny_schnet(), steps_per_call=k)
+
+
+def test_align_by_id_matches_rows_by_id_and_names_another_split():
+    a = {"id": np.array([7, 3, 5]), "pred": np.array([0.7, 0.3, 0.5])}
+    b = {"id": np.array([5, 7, 3]), "pred": np.array([1.5, 1.7, 1.3])}
+    ids, orders = align_by_id({"a": a, "b": b})
+    np.testing.assert_array_equal(ids, [3, 5, 7])
+    np.testing.assert_allclose(a["pred"][orders["a"]], [0.3, 0.5, 0.7])
+    np.testing.assert_allclose(b["pred"][orders["b"]], [1.3, 1.5, 1.7])
+    with pytest.raises(ValueError, match=r"run 'c' has other test molecules than 'a' \(not"):
+        align_by_id({"a": a, "c": {"id": np.array([3, 5, 8])}}, "test molecules")

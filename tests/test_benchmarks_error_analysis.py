@@ -66,7 +66,8 @@ def test_classes_and_worst_molecules_by_hand():
     assert "the mean prediction of the 2 runs: MAE 35.0 meV" in text
     assert "Spearman 0.33" in text and "MAE 100.0 meV against 13.3 for the rest" in text
     assert "ensemble" not in analyse({"a": a}, smiles.get)
-    with pytest.raises(ValueError, match="predicts other molecules than 'a'"):
+    with pytest.raises(ValueError, match=r"run 'c' has other molecules than 'a' \(not the "
+                                         "same split\\)"):
         analyse({"a": a, "c": _preds([1, 2, 3, 5], [0.0] * 4)}, smiles.get)
 
 
