@@ -4,7 +4,8 @@
 >>> predict([atoms_a, atoms_b])                       # float64 [2], e.g. U0 in eV
 
 Command line: ``python -m mpattn.predict WORKDIR molecules.xyz [--out predictions.csv]
-[--which best|latest] [--batch-size N]`` (every frame of an xyz/extxyz file).
+[--which best|latest] [--batch-size N] [--no-progress]`` (every frame of an xyz/extxyz file;
+progress bars on stderr).
 
 Several runs of one target: ``mpattn.load_ensemble([wd_a, wd_b, wd_c])`` gives their mean
 prediction and, with ``.predict``, their spread (an uncertainty); on the command line, name
@@ -85,7 +86,7 @@ class Predictor:
         return (f"Predictor(model={self.config.model!r}, target={self.target!r}, "
                 f"unit={self.unit!r}, step={self.step}, epoch={self.epoch})")
 
-    def _graphs(self, atoms_list: list):
+    def _graphs(self, atoms_list: list, progress: bool = False):
         """Checked, featurized molecules as one GraphSet (geometry-path bond perception)."""
         from ase import Atoms
         from ase.data import chemical_symbols
@@ -103,9 +104,12 @@ class Predictor:
                     f"molecule {i} ({atoms.get_chemical_formula()}): element(s) "
                     f"{', '.join(chemical_symbols[z] for z in unseen)} never seen by the model "
                     f"(it knows {', '.join(chemical_symbols[z] for z in self.elements)})")
+        from tqdm.auto import tqdm
+
         graphs = [from_atoms(a, options=self.options,
                              name=f"molecule {i} ({a.get_chemical_formula()})")
-                  for i, a in enumerate(atoms_list)]
+                  for i, a in enumerate(tqdm(atoms_list, desc="featurize", unit="mol",
+                                             disable=not progress, leave=False))]
         cat = np.concatenate
         edge_fields = {}
         for g in graphs:
@@ -122,12 +126,14 @@ class Predictor:
             senders=cat([g.senders for g in graphs]),
             receivers=cat([g.receivers for g in graphs]))
 
-    def __call__(self, atoms_list, *, batch_size: int = 64) -> np.ndarray:
+    def __call__(self, atoms_list, *, batch_size: int = 64,
+                 progress: bool = False) -> np.ndarray:
         """Predict the target of each molecule.
 
         Args:
             atoms_list: ``ase.Atoms`` or a sequence of them (any elements the model saw).
             batch_size: molecules per padded batch.
+            progress: tqdm bars for featurization and prediction (on stderr).
 
         Returns:
             float64 [num_molecules] in :attr:`unit` (a single Atoms gives shape [1]).
@@ -143,15 +149,18 @@ class Predictor:
         atoms_list = [atoms_list] if isinstance(atoms_list, Atoms) else list(atoms_list)
         if not atoms_list:
             return np.zeros(0, np.float64)
-        return self._predict(self._graphs(atoms_list), batch_size)
+        return self._predict(self._graphs(atoms_list, progress), batch_size, progress)
 
-    def _predict(self, gs, batch_size: int) -> np.ndarray:
+    def _predict(self, gs, batch_size: int, progress: bool = False) -> np.ndarray:
         """Decoded predictions [len(gs)] of featurized molecules (from :meth:`_graphs`)."""
+        from tqdm.auto import tqdm
+
         from mpattn.graph import Budget, pad_batch
         from mpattn.train.targets import element_counts
 
         out = np.empty(len(gs), np.float64)
-        for lo in range(0, len(gs), batch_size):
+        for lo in tqdm(range(0, len(gs), batch_size), desc=f"predict {self.target}",
+                       unit="batch", disable=not progress, leave=False):
             index = np.arange(lo, min(lo + batch_size, len(gs)))
             budget = Budget(_level(int(gs.n_node[index].sum()) + 1),
                             _level(int(gs.n_edge[index].sum())), batch_size + 1)
@@ -234,8 +243,10 @@ class Ensemble:
     def __repr__(self) -> str:
         return f"Ensemble({len(self.members)} members, target={self.target!r})"
 
-    def predict_all(self, atoms_list, *, batch_size: int = 64) -> np.ndarray:
-        """Every member's predictions: float64 [num_members, num_molecules].
+    def predict_all(self, atoms_list, *, batch_size: int = 64,
+                    progress: bool = False) -> np.ndarray:
+        """Every member's predictions: float64 [num_members, num_molecules] (``progress``:
+        tqdm bars, as :meth:`Predictor.__call__`).
 
         Raises:
             ValueError: as :meth:`Predictor.__call__` (a molecule with an element some
@@ -253,19 +264,21 @@ class Ensemble:
         for i, m in enumerate(self.members):
             key = (m.options, m.elements)
             if key not in graphs:
-                graphs[key] = m._graphs(atoms_list)
-            out[i] = m._predict(graphs[key], batch_size)
+                graphs[key] = m._graphs(atoms_list, progress)
+            out[i] = m._predict(graphs[key], batch_size, progress)
         return out
 
-    def predict(self, atoms_list, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, atoms_list, *, batch_size: int = 64,
+                progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """``(mean, spread)``, each float64 [num_molecules] in :attr:`unit`: the members'
         mean and their standard deviation (``ddof=0``; 0 for a single member)."""
-        every = self.predict_all(atoms_list, batch_size=batch_size)
+        every = self.predict_all(atoms_list, batch_size=batch_size, progress=progress)
         return every.mean(axis=0), every.std(axis=0)
 
-    def __call__(self, atoms_list, *, batch_size: int = 64) -> np.ndarray:
+    def __call__(self, atoms_list, *, batch_size: int = 64,
+                 progress: bool = False) -> np.ndarray:
         """The members' mean prediction [num_molecules] (like :meth:`Predictor.__call__`)."""
-        return self.predict(atoms_list, batch_size=batch_size)[0]
+        return self.predict(atoms_list, batch_size=batch_size, progress=progress)[0]
 
 
 def load_ensemble(workdirs, *, which: str = "best") -> Ensemble:
@@ -301,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--which", choices=("best", "latest"), default="best",
                         help="which checkpoint (default: best by validation MAE)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (they go to stderr)")
     args = parser.parse_args(argv)
 
     import logging
@@ -325,10 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if several:
             predictor = load_ensemble(args.workdirs, which=args.which)
-            values, spread = predictor.predict(frames, batch_size=args.batch_size)
+            values, spread = predictor.predict(frames, batch_size=args.batch_size,
+                                               progress=not args.no_progress)
         else:
             predictor = load_predictor(args.workdirs[0], which=args.which)
-            values = predictor(frames, batch_size=args.batch_size)
+            values = predictor(frames, batch_size=args.batch_size,
+                               progress=not args.no_progress)
     except ValueError as err:
         return fail(str(err))
     target, unit = predictor.target, predictor.unit

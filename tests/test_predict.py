@@ -165,9 +165,11 @@ def test_command_line(workdir, predictor, test_split, tmp_path, capsys):
                                predictor(ase.io.read(xyz, index=":")), rtol=0, atol=1e-9)
     np.testing.assert_allclose([float(r["U0"]) for r in rows], predictor(atoms[:3]),
                                rtol=0, atol=1e-3)
-    assert main([str(workdir), str(xyz)]) == 0
-    printed = capsys.readouterr().out
-    assert "U0 [eV]" in printed and atoms[2].get_chemical_formula() in printed
+    assert "featurize" in capsys.readouterr().err  # progress bars on stderr by default
+    assert main([str(workdir), str(xyz), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "U0 [eV]" in captured.out and atoms[2].get_chemical_formula() in captured.out
+    assert captured.err == ""
 
     assert main([str(workdir), str(tmp_path / "none.xyz")]) == 2
     assert f"error: molecules file {tmp_path / 'none.xyz'} does not exist" in \
