@@ -281,8 +281,8 @@ def test_electrostatics_adds_the_coulomb_sum_of_its_charges(x64, pots):
     assert np.abs(q[:17]).max() > 1e-3
     zeroed = AttentionPotential(model.config, rngs=nnx.Rngs(0))  # the fixture's weights
     np.testing.assert_allclose(zeroed(graph), energy, rtol=1e-12)
-    for var in (zeroed.charge_head.kernel, zeroed.charge_head.bias):
-        var[...] = jnp.zeros_like(var[...])
+    assert zeroed.charge_head.bias is None  # a constant is removed by neutrality anyway
+    zeroed.charge_head.kernel[...] = jnp.zeros_like(zeroed.charge_head.kernel[...])
     short = np.asarray(zeroed(graph))
     start = 0
     for k, (m, n) in enumerate(zip(mols, sizes, strict=True)):
@@ -301,6 +301,26 @@ def test_electrostatics_adds_the_coulomb_sum_of_its_charges(x64, pots):
     with pytest.raises(ValueError, match="charges=True needs a model built with "
                                          "electrostatics=True"):
         pots["silu"].model(graph, charges=True)
+
+
+def test_electrostatics_starts_small(qm9_graphset):
+    """At init (CHARGE_INIT) the Coulomb term of real QM9 molecules (complete graphs, 10 Å) is
+    a hundredth of the unit spread of the targets the model learns, not a random energy."""
+    from mpattn.graph import Budget, pad_batch
+
+    gs = qm9_graphset
+    index = np.arange(len(gs))
+    batch = pad_batch(gs, index, Budget(int(gs.n_node.sum()) + 1, int(gs.n_edge.sum()),
+                                        len(gs) + 1))
+    cfg = AttentionPotentialConfig(vector_features=True, vector_messages="sum",
+                                   attention_weights="silu", cutoff=10.0, electrostatics=True)
+    model = AttentionPotential(cfg, rngs=nnx.Rngs(0))
+    energy, q = model(batch, charges=True)
+    model.charge_head.kernel[...] = jnp.zeros_like(model.charge_head.kernel[...])
+    coulomb = np.asarray(energy - model(batch))[: len(gs)]
+    real = np.asarray(q)[: int(gs.n_node.sum())]
+    assert 0.01 < real.std() < 0.1
+    assert np.abs(coulomb).max() < 0.05 and np.abs(coulomb).max() > 0
 
 
 # ------------------------------------------------------------------ smoothness at the cutoff
