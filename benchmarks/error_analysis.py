@@ -4,8 +4,10 @@ error of charge-separated molecules (zwitterions) against the rest, for one or m
     python -m benchmarks.error_analysis runs/a                       # test part
     python -m benchmarks.error_analysis runs/a runs/b --top 20 --dataset-cache qm9.npz
 
-Every argument is a finished workdir of ``experiments.qm9_u0`` (its ``predictions.csv``);
-several runs must share a split (the same molecules in the part). A molecule's class comes
+Every argument is a workdir of ``experiments.qm9_u0``: a finished run's ``predictions.csv``,
+or for a run still training (no ``predictions.csv`` yet) its best checkpoint's predictions
+of the split's part (``mpattn.load_predictor``; a line names the epoch). Several runs must
+share a split (the same molecules in the part). A molecule's class comes
 from its template SMILES in QM9 (``MoleculeSet.smiles``): ``zwitterion`` when it has both a
 positive and a negative formal charge (``[NH3+]...C([O-])=O``), ``ion`` when the charges do not
 cancel, ``neutral`` otherwise. The table gives each class's count, MAE and share of the total
@@ -61,11 +63,44 @@ def charge_class(smiles: str) -> str:
     return "zwitterion" if pos else "neutral"
 
 
-def _read(run: Path, part: str) -> dict[str, np.ndarray]:
+def _predict_part(run: Path, part: str, molecules) -> tuple[dict[str, np.ndarray], str]:
+    """A run still training: its best checkpoint's predictions of the split's ``part``
+    (``mpattn.load_predictor``), and a note naming the epoch."""
+    from ase import Atoms
+
+    from mpattn.predict import load_predictor
+
+    split = run / "split.json"
+    if not split.is_file():
+        raise ValueError(f"{run}: neither predictions.csv nor split.json (is it a run of "
+                         "experiments.qm9_u0?)")
+    ids = np.asarray(json.loads(split.read_text()).get(part, []), np.int64)
+    if not ids.size:
+        raise ValueError(f"{split}: no '{part}' molecules")
+    predictor = load_predictor(run)
+    if predictor.unit != "eV":
+        raise ValueError(f"{run}: its target is not an energy (errors here are in meV)")
+    index = molecules.index_of(ids)
+    off = molecules.atom_offsets
+    atoms = [Atoms(numbers=molecules.z[off[i]:off[i + 1]].astype(int),
+                   positions=molecules.positions[off[i]:off[i + 1]]) for i in index]
+    pred = predictor(atoms, batch_size=128, progress=True)
+    return ({"id": ids, "n_atoms": molecules.n_atoms[index].astype(np.int64),
+             "true": molecules.targets[predictor.target][index], "pred": pred},
+            f"{run}: still training, its best checkpoint (epoch {predictor.epoch})")
+
+
+def _read(run: Path, part: str, molecules=None) -> dict[str, np.ndarray]:
+    """``run``'s predictions of ``part``: its predictions.csv, or for a run still training
+    (no predictions.csv yet) its best checkpoint's, when ``molecules`` (QM9) are given."""
     from mpattn.train.report import read_predictions
 
     path = run / "predictions.csv"
     if not path.is_file():
+        if molecules is not None and (run / "checkpoints").is_dir():
+            preds, note = _predict_part(run, part, molecules)
+            print(note, flush=True)
+            return preds
         raise ValueError(f"{run}: no predictions.csv (is the run finished?)")
     results = run / "results.json"
     if results.is_file() and "mae_mev" not in json.loads(results.read_text()).get("test", {}):
@@ -214,7 +249,8 @@ def table(result: dict) -> str:
 def parse(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.error_analysis",
                                  description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", type=Path, help="finished experiments.qm9_u0 workdirs")
+    ap.add_argument("runs", nargs="+", type=Path,
+                    help="experiments.qm9_u0 workdirs (finished, or training: best checkpoint)")
     ap.add_argument("--labels", nargs="+", help="one name per run (default: folder names)")
     ap.add_argument("--part", default="test", choices=("test", "val"))
     ap.add_argument("--top", type=int, default=15, help="worst molecules to list")
@@ -231,8 +267,9 @@ def main(argv=None) -> int:
         print("error_analysis: give one distinct label per run", file=sys.stderr)
         return 2
     try:
-        runs = {label: _read(p, args.part) for label, p in zip(labels, args.runs, strict=True)}
         ms = qm9_molecules(args.dataset_cache)
+        runs = {label: _read(p, args.part, ms)
+                for label, p in zip(labels, args.runs, strict=True)}
         index = {int(i): k for k, i in enumerate(ms.ids)}
 
         def smiles_of(mol_id: int) -> str:

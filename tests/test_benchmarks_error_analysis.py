@@ -105,3 +105,35 @@ def test_command_line_on_a_real_qm9_slice(qm9_molset, tmp_path, capsys):
     assert "its target is not an energy" in capsys.readouterr().err
     assert main([str(run), str(other), "--labels", "x", "--no-save"]) == 2
     assert "one distinct label per run" in capsys.readouterr().err
+
+
+def test_a_run_still_training_is_read_from_its_best_checkpoint(qm9_molset, tmp_path, capsys):
+    """Without predictions.csv (a run still training) the best checkpoint predicts the split's
+    part: the same values the finished run wrote, matched to the dataset's truth."""
+    from benchmarks.error_analysis import _read
+    from mpattn.train.experiment import run_qm9
+    from mpattn.train.loop import TrainConfig
+
+    cache = tmp_path / "slice.npz"
+    save_molset(qm9_molset, cache)
+    run = tmp_path / "run"
+    run_qm9(TrainConfig(model="schnet", epochs=2, batch_size=32, seed=1), workdir=run,
+            sizes=(300, 60, 100), dataset_cache=cache, progress=False, log=lambda *_: None,
+            model_overrides={"interactions": 2, "dim": 32, "num_filters": 32, "num_rbf": 16})
+    finished = _read(run, "test")
+    (run / "predictions.csv").rename(tmp_path / "kept.csv")
+    with pytest.raises(ValueError, match="no predictions.csv"):
+        _read(run, "test")  # without the dataset, nothing to predict
+    training = _read(run, "test", qm9_molset)
+    assert "still training, its best checkpoint (epoch" in capsys.readouterr().out
+    o, p = np.argsort(finished["id"]), np.argsort(training["id"])
+    np.testing.assert_array_equal(finished["id"][o], training["id"][p])
+    np.testing.assert_array_equal(finished["n_atoms"][o], training["n_atoms"][p])
+    # the CSV keeps 6 decimals (µeV)
+    np.testing.assert_allclose(training["true"][p], finished["true"][o], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(training["pred"][p], finished["pred"][o], rtol=0, atol=1e-4)
+    assert main([str(run), "--dataset-cache", str(cache), "--no-save"]) == 0
+    assert "100 molecules" in capsys.readouterr().out
+    (run / "split.json").unlink()
+    assert main([str(run), "--dataset-cache", str(cache), "--no-save"]) == 2
+    assert "neither predictions.csv nor split.json" in capsys.readouterr().err
