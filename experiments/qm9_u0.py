@@ -94,6 +94,9 @@ def parse(argv=None) -> argparse.Namespace:
                     "vector_features; e.g. 0.02; default 0: off)")
     ap.add_argument("--denoise-weight", type=float,
                     help="weight of the denoising loss (default 0.1)")
+    ap.add_argument("--dipole-weight", type=float,
+                    help="weight of the dipole loss on the charges of the Coulomb term (needs "
+                    "\"electrostatics\": true; |Σ q r| against QM9's mu, Debye; default 0)")
     ap.add_argument("--min-atoms", type=int, help="train only on molecules this large or more")
     ap.add_argument("--max-atoms", type=int, help="train only on molecules this large or less")
     ap.add_argument("--cap-per-size", type=int,
@@ -155,7 +158,7 @@ def main(argv=None) -> int:
               "weighting": args.weighting,
               "weight_r": args.weight_r, "ema_decay": args.ema_decay,
               "weight_decay": args.weight_decay, "denoise_sigma": args.denoise_sigma,
-              "denoise_weight": args.denoise_weight,
+              "denoise_weight": args.denoise_weight, "dipole_weight": args.dipole_weight,
               "checkpoint_every_s": args.checkpoint_every_s,
               "keep_checkpoints": args.keep_checkpoints,
               "min_atoms": args.min_atoms, "max_atoms": args.max_atoms,

@@ -62,6 +62,7 @@ __all__ = [
     "build_carry",
     "calibrate_epochs",
     "data_mesh",
+    "dipole_error",
     "jit_carry",
     "make_train_step",
     "masked_node_mean",
@@ -119,6 +120,11 @@ class TrainConfig:
     # (attention_potential with vector_features; build_carry turns its head on)
     denoise_sigma: float = 0.0
     denoise_weight: float = 0.1
+    # > 0: dipole auxiliary (PhysNet's): the model's atomic charges (attention_potential with
+    # electrostatics) give a dipole Σ q_i r_i per molecule whose length is fitted to QM9's
+    # dipole moment mu, with this weight on the absolute error in Debye; it teaches the
+    # charges of the Coulomb term in e, which energies alone did not (README)
+    dipole_weight: float = 0.0
 
 
 @dataclass
@@ -177,6 +183,11 @@ def prepare(ms: MoleculeSet, split: Split, config: TrainConfig) -> Prepared:
         gs = sub.to_graphset(options, targets=[])
         true = sub.targets[config.target].astype(np.float64)
         gs.globals["y"] = transform.encode(true, counts).astype(np.float32)
+        if config.dipole_weight > 0:  # the dipole loss's target, Debye
+            if "mu" not in sub.targets:
+                raise ValueError("dipole_weight needs the dipole moment 'mu' of every "
+                                 "molecule (QM9's)")
+            gs.globals["mu"] = sub.targets["mu"].astype(np.float32)
         out[name] = Split3(gs, true, counts, sub.n_atoms.astype(np.int64),
                            np.asarray(sub.ids, np.int64))
     return Prepared(out["train"], out["val"], out["test"], transform)
@@ -193,10 +204,17 @@ def run_settings(meta: dict):
 
 def with_denoise_head(config: TrainConfig, model_config):
     """``model_config`` with its denoising head on when ``config.denoise_sigma`` > 0 (the
-    model config unchanged otherwise); ValueError for bad settings or a model without one."""
+    model config unchanged otherwise); ValueError for bad settings, or for a model without the
+    head (denoising) or the charges (``dipole_weight``) that they need."""
     if config.denoise_sigma < 0 or config.denoise_weight < 0:
         raise ValueError(f"denoise_sigma and denoise_weight must be >= 0, got "
                          f"{config.denoise_sigma}, {config.denoise_weight}")
+    if config.dipole_weight < 0:
+        raise ValueError(f"dipole_weight must be >= 0, got {config.dipole_weight}")
+    if config.dipole_weight > 0 and not getattr(model_config, "electrostatics", False):
+        raise ValueError(f"dipole_weight={config.dipole_weight} needs a model with atomic "
+                         "charges: attention_potential with electrostatics (--model-config "
+                         f"'{{\"electrostatics\": true}}'), got {config.model} without")
     if config.denoise_sigma == 0:
         return model_config
     if not getattr(model_config, "vector_features", False):
@@ -329,6 +347,18 @@ def add_position_noise(graph, key, sigma: float):
     return graph._replace(nodes={**graph.nodes, "positions": pos + sigma * noise}), noise
 
 
+def dipole_error(q, graph):
+    """Mean over the real graphs of ``| |Σ q_i r_i| / DEBYE - mu |`` (Debye): the length of
+    the charges' dipole against ``graph.globals["mu"]`` (QM9 gives the length only)."""
+    from mpattn.models.potential import DEBYE, dipole_moment
+
+    mu = dipole_moment(q, jnp.asarray(graph.nodes["positions"]), graph.n_node)
+    length = jnp.sqrt(jnp.sum(mu * mu, axis=-1) + 1e-12) / DEBYE
+    mask = graph_mask(graph)
+    err = jnp.where(mask, jnp.abs(length - graph.globals["mu"]), 0.0)
+    return jnp.sum(err) / jnp.maximum(jnp.sum(mask), 1)
+
+
 def masked_node_mean(values, graph):
     """Mean over the real nodes of ``values`` [num_nodes, ...] summed over trailing axes."""
     per_node = jnp.sum(values.reshape(values.shape[0], -1), axis=1)
@@ -361,12 +391,15 @@ def make_train_step(graphdef, optimizer, config: TrainConfig, *, scan: bool = Fa
         model = nnx.merge(graphdef, params, rest)
         mask = graph_mask(graph)
         aux = 0.0
-        if c.denoise_sigma > 0:
+        heads = {"denoise": c.denoise_sigma > 0, "charges": c.dipole_weight > 0}
+        if heads["denoise"]:
             graph, noise = add_position_noise(graph, key, c.denoise_sigma)
-            pred, guess = model(graph, denoise=True)
+        pred, *extra = model(graph, **heads) if any(heads.values()) else (model(graph),)
+        if heads["denoise"]:
+            guess = extra.pop(0)
             aux = c.denoise_weight * masked_node_mean(jnp.square(guess - noise), graph)
-        else:
-            pred = model(graph)
+        if heads["charges"]:
+            aux = aux + c.dipole_weight * dipole_error(extra.pop(0), graph)
         loss = loss_value(c.loss, pred, graph.globals["y"], mask, graph.n_node,
                           weighting=c.weighting, r=c.weight_r) + aux
         weight = jnp.sum(jnp.where(mask, graph_weights(c.weighting, graph.n_node,

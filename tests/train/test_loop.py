@@ -667,3 +667,55 @@ def test_denoising_learns_to_predict_the_noise(qm9_molset):
     with pytest.raises(ValueError, match="must be >= 0"):
         build_carry(_config(model="attention_potential", denoise_sigma=-0.1), small,
                     steps_per_epoch=1)
+
+
+def test_dipole_loss_teaches_the_charges(qm9_molset, cache_file, tmp_path):
+    """``dipole_weight``: batches carry QM9's mu; the loss is the mean |length of Σ q r - mu|
+    in Debye (by hand at the start, where the charges are near 0); train steps lower it; a
+    run records the setting; bad settings are refused."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mpattn.data.loader import BatchLoader
+    from mpattn.graph import graph_mask
+    from mpattn.models import default_config
+    from mpattn.models.potential import DEBYE, dipole_moment
+    from mpattn.train.loop import build_carry, dipole_error, make_train_step, stack_batches
+
+    small = default_config("attention_potential", dim=16, num_heads=2, head_dim=8, steps=2,
+                           ff_dim=32, num_rbf=8, electrostatics=True)
+    cfg = _config(model="attention_potential", epochs=1, dipole_weight=1.0, lr=3e-3)
+    data = prepare(qm9_molset, make_split(qm9_molset.ids, sizes=SIZES, seed=1), cfg)
+    batch = next(iter(BatchLoader(data.train.graphs, 32, prefetch=0, shuffle=False)))
+    real = np.asarray(graph_mask(batch))
+    mu = np.asarray(batch.globals["mu"])[real]
+    ids = np.asarray(batch.globals["id"])[real]
+    np.testing.assert_allclose(mu, qm9_molset.targets["mu"][qm9_molset.index_of(ids)],
+                               rtol=1e-6)
+    # the cosine schedule spans epochs x steps_per_epoch steps: the 120 below, at lr 3e-3
+    model, graphdef, optimizer, carry = build_carry(cfg, small, steps_per_epoch=120)
+    _, q = model(batch, charges=True)
+    length = np.linalg.norm(np.asarray(dipole_moment(q, batch.nodes["positions"],
+                                                     batch.n_node)), axis=1)[real] / DEBYE
+    before = float(dipole_error(q, batch))
+    assert before == pytest.approx(np.mean(np.abs(length - mu)), rel=1e-5)
+    train_step = make_train_step(graphdef, optimizer, cfg)
+    for _ in range(120):
+        carry, loss = train_step(carry, stack_batches([batch]))
+    trained = nnx.merge(graphdef, carry["params"], carry["rest"])
+    after = float(dipole_error(trained(batch, charges=True)[1], batch))
+    assert np.isfinite(float(loss)) and after < 0.5 * before, (before, after)
+    assert float(jnp.abs(carry["params"]["coulomb_scale"][...])) > 0
+
+    result = _run(cache_file, tmp_path / "dip", epochs=1, model="attention_potential",
+                  dipole_weight=0.5, model_overrides={"dim": 16, "num_heads": 2,
+                                                      "head_dim": 8, "steps": 2,
+                                                      "electrostatics": True})
+    assert result["config"]["dipole_weight"] == 0.5
+    assert result["model_config"]["electrostatics"] is True
+    with pytest.raises(ValueError, match="needs a model with atomic charges"):
+        build_carry(_config(model="attention_potential", dipole_weight=0.1),
+                    default_config("attention_potential"), steps_per_epoch=1)
+    with pytest.raises(ValueError, match="dipole_weight must be >= 0"):
+        build_carry(_config(model="attention_potential", dipole_weight=-1.0), small,
+                    steps_per_epoch=1)
