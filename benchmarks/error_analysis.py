@@ -165,12 +165,12 @@ def _ensemble(errors: np.ndarray, classes: np.ndarray, *, widest: float = 0.05) 
     the absolute error, and the MAE of the ``widest`` fraction of molecules by spread against
     the rest (with their share of the total absolute error).
     """
+    from scipy.stats import spearmanr
+
     err, spread = np.abs(errors.mean(axis=0)), errors.std(axis=0)
     k = max(1, int(round(widest * err.size)))
     top = np.zeros(err.size, bool)
     top[np.argsort(-spread, kind="stable")[:k]] = True
-    from scipy.stats import spearmanr
-
     ranks = spearmanr(spread, err).statistic if err.size > 2 else float("nan")
     return {
         "runs": int(errors.shape[0]), "mae_mev": float(err.mean()),
