@@ -45,6 +45,15 @@ def _level(x: int) -> int:
     return 64 * (1 << (units - 1).bit_length())
 
 
+def _molecules(atoms_list, batch_size: int) -> list:
+    """``atoms_list`` as a list (one ``ase.Atoms`` becomes a list of one); checks the batch."""
+    from ase import Atoms
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return [atoms_list] if isinstance(atoms_list, Atoms) else list(atoms_list)
+
+
 class Predictor:
     """A trained model ready to predict; build it with :func:`load_predictor`.
 
@@ -142,11 +151,7 @@ class Predictor:
             ValueError: a molecule holds an element the model never saw (named with the
                 molecule's index and formula), or cannot be featurized.
         """
-        from ase import Atoms
-
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        atoms_list = [atoms_list] if isinstance(atoms_list, Atoms) else list(atoms_list)
+        atoms_list = _molecules(atoms_list, batch_size)
         if not atoms_list:
             return np.zeros(0, np.float64)
         return self._predict(self._graphs(atoms_list, progress), batch_size, progress)
@@ -252,11 +257,7 @@ class Ensemble:
             ValueError: as :meth:`Predictor.__call__` (a molecule with an element some
                 member never saw is named).
         """
-        from ase import Atoms
-
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        atoms_list = [atoms_list] if isinstance(atoms_list, Atoms) else list(atoms_list)
+        atoms_list = _molecules(atoms_list, batch_size)
         out = np.zeros((len(self.members), len(atoms_list)), np.float64)
         if not atoms_list:
             return out
