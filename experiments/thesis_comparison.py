@@ -3,11 +3,14 @@ the thesis' setup, and our best variant beside them.
 
     python -m experiments.thesis_comparison                      # thesis setup, 200 epochs each
     python -m experiments.thesis_comparison --time-budget-min 10 # each model gets 10 minutes
+    python -m experiments.thesis_comparison --resume             # go on after a stop
 
 Each model trains with ``preset thesis`` (15,000 / 4,300 / 2,200 molecules, one shared split,
 batch 8, MSE, Adam 1e-3 x0.7 every 5 epochs) in ``<workdir>/<name>/``; then
 ``comparison.json``, ``comparison.md`` (a table) and ``comparison.png`` (test MAE per model,
-with chemical accuracy marked) are written to ``<workdir>``.
+with chemical accuracy marked) are written to ``<workdir>``. With ``--resume`` a model whose
+folder holds ``results.json`` is not trained again and one stopped mid-run continues from its
+last checkpoint, so a comparison of several hours survives being stopped.
 """
 
 from __future__ import annotations
@@ -17,7 +20,13 @@ import dataclasses
 import json
 from pathlib import Path
 
-from mpattn.train.experiment import PRESETS, STANDARD_ATTENTION, STANDARD_DENOISE, run_qm9
+from mpattn.train.experiment import (
+    PRESETS,
+    RESUME_MAY_CHANGE,
+    STANDARD_ATTENTION,
+    STANDARD_DENOISE,
+    run_qm9,
+)
 from mpattn.train.metrics import KCAL_MOL_MEV
 from mpattn.train.report import write_json
 
@@ -66,6 +75,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     ap.add_argument("--dataset-cache", help="featurized QM9 cache file (no RDKit/qm9pack)")
     ap.add_argument("--model-config", default="{}", help="JSON overrides for every model")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse finished models' results.json, continue stopped ones")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     preset = PRESETS["thesis"]
@@ -80,10 +91,25 @@ def main(argv=None) -> int:
         config = dataclasses.replace(preset.train, **train_overrides,
                                      **{k: v for k, v in fields.items() if v is not None})
         sub = workdir / model if not train_overrides else workdir / f"{model}_ours"
-        res = run_qm9(config, workdir=sub, sizes=tuple(sizes), split_file=split_file,
-                      dataset_cache=args.dataset_cache, preset="thesis",
-                      model_overrides=model_overrides | json.loads(args.model_config),
-                      progress=not args.no_progress)
+        overrides = model_overrides | json.loads(args.model_config)
+        if args.resume and (sub / "results.json").is_file():
+            res = json.loads((sub / "results.json").read_text())
+            differ = [f"{k}: {res['config'].get(k)!r} -> {v!r}"
+                      for k, v in dataclasses.asdict(config).items()
+                      if k not in RESUME_MAY_CHANGE and k in res["config"]
+                      and res["config"][k] != v]
+            differ += [f"{k}: {res['model_config'].get(k)!r} -> {v!r}"
+                       for k, v in overrides.items() if res["model_config"].get(k) != v]
+            if differ:
+                raise SystemExit(f"--resume: {sub / 'results.json'} is of a run with other "
+                                 f"settings ({'; '.join(differ)}); use another --workdir")
+            print(f"{name}: finished before ({sub / 'results.json'}), not trained again")
+        else:
+            res = run_qm9(config, workdir=sub, sizes=tuple(sizes), split_file=split_file,
+                          dataset_cache=args.dataset_cache, preset="thesis",
+                          model_overrides=overrides,
+                          resume=args.resume and (sub / "checkpoints").is_dir(),
+                          progress=not args.no_progress)
         split_file = sub / "split.json"  # every model on the same split
         rows.append({"name": name, "model": model, "test_mae_mev": res["test"]["mae_mev"],
                      "val_mae_mev": res["val"]["mae_mev"], "epochs": res["epochs"],

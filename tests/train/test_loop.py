@@ -288,6 +288,19 @@ def test_thesis_comparison_writes_table_and_figure(cache_file, tmp_path):
     assert split_a["test"] == split_b["test"]  # the same split for every model
     assert (out / "comparison.png").stat().st_size > 1000
     assert "| MH-MP+PE |" in (out / "comparison.md").read_text()
+    # --resume: finished models are read back, not trained again (their checkpoints and
+    # results stay as they were), and the table is the same
+    args = ["--workdir", str(out), "--epochs", "1", "--train-size", "300", "--val-size", "60",
+            "--test-size", "100", "--dataset-cache", str(cache_file), "--models", "MH-MP",
+            "MH-MP+PE", "--no-progress", "--seed", "1", "--resume"]
+    tiny = '{"dim": 16, "head_dim": 8, "readout_head_dim": 8, "edge_hidden": 16, "steps": 1}'
+    stamp = (out / "mhmp" / "results.json").stat().st_mtime_ns
+    assert main([*args, "--model-config", tiny]) == 0
+    assert (out / "mhmp" / "results.json").stat().st_mtime_ns == stamp
+    assert json.loads((out / "comparison.json").read_text())["rows"] == rows
+    # a finished model of other settings is refused, naming the setting
+    with pytest.raises(SystemExit, match=r"other settings \(.*dim: 16 -> 24"):
+        main([*args, "--model-config", tiny.replace('"dim": 16', '"dim": 24')])
 
 
 def test_thesis_comparison_sets_our_variant_as_the_standard_preset_does():
