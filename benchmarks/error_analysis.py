@@ -66,8 +66,6 @@ def charge_class(smiles: str) -> str:
 def _predict_part(run: Path, part: str, molecules) -> tuple[dict[str, np.ndarray], str]:
     """A run still training: its best checkpoint's predictions of the split's ``part``
     (``mpattn.load_predictor``), and a note naming the epoch."""
-    from ase import Atoms
-
     from mpattn.predict import load_predictor
 
     split = run / "split.json"
@@ -81,10 +79,7 @@ def _predict_part(run: Path, part: str, molecules) -> tuple[dict[str, np.ndarray
     if predictor.unit != "eV":
         raise ValueError(f"{run}: its target is not an energy (errors here are in meV)")
     index = molecules.index_of(ids)
-    off = molecules.atom_offsets
-    atoms = [Atoms(numbers=molecules.z[off[i]:off[i + 1]].astype(int),
-                   positions=molecules.positions[off[i]:off[i + 1]]) for i in index]
-    pred = predictor(atoms, batch_size=128, progress=True)
+    pred = predictor(molecules.to_atoms(index), batch_size=128, progress=True)
     return ({"id": ids, "n_atoms": molecules.n_atoms[index].astype(np.int64),
              "true": molecules.targets[predictor.target][index], "pred": pred},
             f"{run}: still training, its best checkpoint (epoch {predictor.epoch})")

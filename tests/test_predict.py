@@ -53,17 +53,12 @@ def predictor(workdir) -> Predictor:
     return load_predictor(workdir)
 
 
-def _atoms(ms) -> list[Atoms]:
-    return [Atoms(numbers=ms.z[a:b].astype(int), positions=ms.positions[a:b])
-            for a, b in zip(ms.atom_offsets[:-1], ms.atom_offsets[1:], strict=True)]
-
-
 @pytest.fixture(scope="module")
 def test_split(qm9_molset, workdir):
     """The run's test molecules (ids from split.json) as a MoleculeSet and as ase.Atoms."""
     ids = json.loads((workdir / "split.json").read_text())["test"]
     ms = qm9_molset.subset(qm9_molset.index_of(ids))
-    return ms, _atoms(ms)
+    return ms, ms.to_atoms()
 
 
 def test_predictor_agrees_with_the_eval_step(qm9_molset, workdir, predictor, test_split):

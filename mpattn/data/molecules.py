@@ -134,6 +134,16 @@ class MoleculeSet:
                 f"{missing.size} id(s) not in this dataset, e.g. {missing[:5].tolist()}")
         return order[pos]
 
+    def to_atoms(self, index=None) -> list:
+        """The molecules at ``index`` (positions, not ids; default all) as ``ase.Atoms``
+        (elements and positions; what a predictor takes)."""
+        from ase import Atoms
+
+        off = self.atom_offsets
+        index = range(len(self)) if index is None else np.asarray(index, dtype=np.int64)
+        return [Atoms(numbers=self.z[off[i]:off[i + 1]].astype(int),
+                      positions=self.positions[off[i]:off[i + 1]]) for i in index]
+
     # ------------------------------------------------------------------ reporting
 
     def summary(self) -> dict:

@@ -21,7 +21,7 @@ from mpattn.train.loop import (
     calibrate_epochs,
     prepare,
     run_settings,
-    with_denoise_head,
+    with_training_heads,
 )
 from mpattn.train.report import (
     plot_curves,
@@ -220,7 +220,7 @@ def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=
                                                    **(model_overrides or {})})
     # the model config as built (its denoising head on if config asks); bad settings fail here,
     # before the data loads
-    built_config = with_denoise_head(config, model_config)
+    built_config = with_training_heads(config, model_config)
     resumed = None  # the checkpoint metadata of the run being resumed
     if resume:  # a model of the same parameters but other settings would restore silently
         from mpattn.train.checkpoint import latest_meta

@@ -70,7 +70,7 @@ __all__ = [
     "run_settings",
     "stack_batches",
     "stack_steps",
-    "with_denoise_head",
+    "with_training_heads",
 ]
 
 ELEMENTS = (1, 6, 7, 8, 9)
@@ -202,7 +202,7 @@ def run_settings(meta: dict):
     return config, recorded_model_config(config.model, meta["model_config"])
 
 
-def with_denoise_head(config: TrainConfig, model_config):
+def with_training_heads(config: TrainConfig, model_config):
     """``model_config`` with its denoising head on when ``config.denoise_sigma`` > 0 (the
     model config unchanged otherwise); ValueError for bad settings, or for a model without the
     head (denoising) or the charges (``dipole_weight``) that they need."""
@@ -233,7 +233,7 @@ def build_carry(config: TrainConfig, model_config, *, steps_per_epoch: int):
         updates and checkpoints hold: ``{"params", "rest", "opt", "step"[, "ema"]}``. Its
         structure depends only on the configs, so it is also the restore template.
     """
-    model_config = with_denoise_head(config, model_config)
+    model_config = with_training_heads(config, model_config)
     model = create_model(config.model, rngs=nnx.Rngs(config.seed), config=model_config)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     optimizer = make_optimizer(config.lr, schedule=config.schedule,

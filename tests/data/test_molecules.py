@@ -99,6 +99,16 @@ def test_to_graphset_unknown_element(qm9_molset):
         qm9_molset.to_graphset(FeaturizeOptions(elements=("H", "C", "N", "O")))
 
 
+def test_to_atoms_gives_each_molecule_as_ase_atoms(qm9_raw, qm9_molset):
+    index = [499, 3, 17]
+    atoms = qm9_molset.to_atoms(index)
+    assert len(atoms) == 3 and len(qm9_molset.to_atoms()) == len(qm9_molset)
+    for a, i in zip(atoms, index, strict=True):
+        np.testing.assert_array_equal(a.numbers, qm9_raw[i].z)
+        np.testing.assert_allclose(a.positions, qm9_raw[i].positions, atol=1e-5)  # float32
+        assert not a.pbc.any()
+
+
 def test_subset_and_index_of(qm9_raw, qm9_molset):
     ms = qm9_molset
     index = np.array([17, 3, 499, 3, 250])

@@ -203,7 +203,7 @@ def test_standard_preset_trains_the_attention_potential_with_vector_channels_and
     import experiments.qm9_u0 as cli
     from mpattn.models import default_config
     from mpattn.train.experiment import PRESETS
-    from mpattn.train.loop import with_denoise_head
+    from mpattn.train.loop import with_training_heads
 
     seen = []
     monkeypatch.setattr(cli, "run_qm9", lambda config, **kw: seen.append((config, kw)) or {
@@ -216,7 +216,7 @@ def test_standard_preset_trains_the_attention_potential_with_vector_channels_and
     assert (best.model, best.denoise_sigma, best.denoise_weight, best.ema_decay,
             best.batch_size) == ("attention_potential", 0.02, 0.1, 0.999, 64)
     assert kw["preset"] == "standard" and best.time_budget_min is None and best.epochs == 300
-    model = with_denoise_head(best, default_config(
+    model = with_training_heads(best, default_config(
         best.model, **PRESETS["standard"].models[best.model], **kw["model_overrides"]))
     assert (model.vector_features, model.vector_messages, model.attention_weights,
             model.denoise) == (True, "sum", "silu", True)
@@ -307,7 +307,7 @@ def test_thesis_comparison_sets_our_variant_as_the_standard_preset_does():
     from experiments.thesis_comparison import VARIANTS
     from mpattn.models import default_config
     from mpattn.train.experiment import PRESETS
-    from mpattn.train.loop import with_denoise_head
+    from mpattn.train.loop import with_training_heads
 
     (model, overrides, train), = [v for name, v in VARIANTS.items() if "ours" in name]
     standard = PRESETS["standard"].config_for(model)
@@ -315,8 +315,8 @@ def test_thesis_comparison_sets_our_variant_as_the_standard_preset_does():
     assert (config.denoise_sigma, config.ema_decay, config.loss) == (
         standard.denoise_sigma, standard.ema_decay, standard.loss)
     assert (config.batch_size, config.schedule) == (8, "step")  # the thesis' own
-    built = with_denoise_head(config, default_config(model, **overrides))
-    assert built == with_denoise_head(standard, default_config(
+    built = with_training_heads(config, default_config(model, **overrides))
+    assert built == with_training_heads(standard, default_config(
         model, **PRESETS["standard"].models[model]))
 
 
