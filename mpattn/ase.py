@@ -51,7 +51,8 @@ class Calculator(_AseCalculator):
         which: which checkpoint, ``"best"`` (lowest validation force MAE) or ``"latest"``.
         dtype: compute dtype of the network (``None``: the parameters' dtype, float32;
             ``"float64"`` needs ``jax.config.update("jax_enable_x64", True)`` first).
-        cutoff: radius-graph cutoff in Å (default ``potential.model.config.cutoff``).
+        cutoff: radius-graph cutoff in Å (default the model config's ``graph_cutoff`` if it
+            has one, else its ``cutoff``).
         policy: the :class:`~mpattn.neighbors.BudgetPolicy` (default headroom otherwise).
         **kwargs: passed to ``ase.calculators.calculator.Calculator``.
 
@@ -97,7 +98,8 @@ class Calculator(_AseCalculator):
         if not isinstance(potential, Potential):
             raise TypeError(f"Calculator needs an mpattn Potential, got {type(potential)}")
         if cutoff is None:
-            cutoff = getattr(getattr(potential.model, "config", None), "cutoff", None)
+            config = getattr(potential.model, "config", None)
+            cutoff = getattr(config, "graph_cutoff", getattr(config, "cutoff", None))
             if cutoff is None:
                 raise ValueError("the potential's model has no config.cutoff: pass cutoff=")
         self.potential = potential

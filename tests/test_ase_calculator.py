@@ -332,6 +332,16 @@ def test_calculator_from_a_training_workdir(frames, tmp_path):
     np.testing.assert_allclose(res["potential_energy_eV"][0], e_ref, rtol=1e-6)
 
 
+def test_calculator_builds_graphs_as_wide_as_the_coulomb_cutoff(pot):
+    """A model whose Coulomb term reaches past its attention gets neighbour lists of the
+    Coulomb cutoff (pairs beyond the list would make its energy jump as they leave it)."""
+    config = AttentionPotentialConfig(**{**TINY, "cutoff": 3.0}, electrostatics=True,
+                                      coulomb_cutoff=6.0)
+    wide = Potential(AttentionPotential(config, rngs=nnx.Rngs(0)), reference=pot.reference)
+    assert Calculator.from_potential(wide).cutoff == 6.0
+    assert Calculator.from_potential(pot).cutoff == TINY["cutoff"]
+
+
 def test_float64_needs_x64(pot):
     if jax.config.jax_enable_x64:
         pytest.skip("x64 enabled globally")

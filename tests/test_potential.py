@@ -65,6 +65,11 @@ def pots():
         "coulomb": Potential(AttentionPotential(dataclasses.replace(
             CFG, vector_features=True, vector_messages="sum", attention_weights="silu",
             electrostatics=True), rngs=nnx.Rngs(0)), reference=REF),
+        # the attention within 2.5 Å, the Coulomb term over the graph's 4 Å
+        "coulomb_long": Potential(AttentionPotential(dataclasses.replace(
+            CFG, vector_features=True, vector_messages="sum", attention_weights="silu",
+            electrostatics=True, cutoff=2.5, coulomb_cutoff=CFG.cutoff), rngs=nnx.Rngs(0)),
+            reference=REF),
         "plain": Potential(AttentionPotential(dataclasses.replace(CFG, smooth=False, steps=1),
                                               rngs=nnx.Rngs(0)), reference=REF),
         "crystal": Potential(attn, elements=("Si", "Cu")),
@@ -270,10 +275,14 @@ def test_neutral_charges_and_coulomb_energy_by_hand():
                                             for i, j, r in pairs[:3]), abs=1e-7)
 
 
-def test_electrostatics_adds_the_coulomb_sum_of_its_charges(x64, pots):
+@pytest.mark.parametrize("kind", ["coulomb", "coulomb_long"])
+def test_electrostatics_adds_the_coulomb_sum_of_its_charges(x64, pots, kind):
     """The model's energy is its short-range energy (the same weights with zero charges)
-    plus the Coulomb sum of the charges it reports, computed here over every pair."""
-    model = pots["coulomb"].model
+    plus the Coulomb sum of the charges it reports, computed here over every pair within
+    the Coulomb cutoff (``coulomb_long``: beyond the attention's cutoff)."""
+    model = pots[kind].model
+    rc = model.config.coulomb_cutoff or model.config.cutoff
+    assert model.config.graph_cutoff == CFG.cutoff
     mols = [ethanol(), molecule("CH3COOH")]
     graph = pad([radius_graph(m.numbers, m.positions, CFG.cutoff) for m in mols],
                 dtype=np.float64)
@@ -293,8 +302,8 @@ def test_electrostatics_adds_the_coulomb_sum_of_its_charges(x64, pots):
         for i in range(n):
             for j in range(i + 1, n):
                 r = np.linalg.norm(pos[i] - pos[j])
-                if r < CFG.cutoff:
-                    x = r / CFG.cutoff  # the polynomial envelope, p = 6
+                if r < rc:
+                    x = r / rc  # the polynomial envelope, p = 6
                     env = 1 - 28 * x**6 + 48 * x**7 - 21 * x**8
                     e_c += qm[i] * qm[j] * env / np.sqrt(r * r + 1)
         np.testing.assert_allclose(energy[k] - short[k], COULOMB_SCALE_INIT * e_c, rtol=1e-6,
@@ -364,14 +373,17 @@ def test_energy_continuous_across_cutoff(x64, pots):
                 graphs.append(radius_graph(z[:n], base[:n] + [[0, 0, 0], [sign * e, 0, 0],
                                                               [0, 0, 0]][:n], rc))
     first = np.cumsum([0] + [len(g.nodes["z"]) for g in graphs])[:-1]
-    for kind in ("attention", "vector", "vector_sum", "silu", "coulomb", "plain"):
+    for kind in ("attention", "vector", "vector_sum", "silu", "coulomb", "coulomb_long",
+                 "plain"):
         energy, forces = run(pots[kind], pad(graphs, dtype=np.float64))
         jump = np.abs(energy[1:12:2] - energy[:12:2]).reshape(2, 3)
         f_in = np.abs(forces[first[:12:2] + 1, 0]).reshape(2, 3)  # on the crossing O
         if kind == "plain":
             np.testing.assert_array_less(1e-3, jump)
             continue
-        np.testing.assert_array_less(jump[:, 1:], jump[:, :-1])  # decreasing with ε
+        # decreasing with ε (coulomb_long: only its small initial charges reach 4 Å, so the
+        # jump is 1e-10 at ε = 1e-2 and exactly 0 below)
+        assert np.all((jump[:, 1:] < jump[:, :-1]) | (jump[:, 1:] < 1e-14)), (kind, jump)
         np.testing.assert_allclose(jump[:, -1], 0.0, atol=1e-10)
         np.testing.assert_array_less(f_in[:, 1:], f_in[:, :-1])
         np.testing.assert_allclose(f_in[:, -1], 0.0, atol=1e-6)  # O(ε²)
@@ -429,7 +441,8 @@ def test_smooth_graph_attention_silu_by_hand():
 # ------------------------------------------------------------------ padding
 
 
-@pytest.mark.parametrize("kind", ["attention", "vector", "vector_sum", "silu", "coulomb"])
+@pytest.mark.parametrize("kind", ["attention", "vector", "vector_sum", "silu", "coulomb",
+                                  "coulomb_long"])
 def test_padding_never_changes_real_graphs(pots, kind):
     """Ethanol + water padded with extra nodes, edges and graphs (junk padding positions)
     equal each molecule padded alone; padding graphs get energy 0, padding nodes force 0."""
@@ -590,6 +603,12 @@ def test_errors():
         AttentionPotentialConfig(attention_weights="sigmoid")
     with pytest.raises(ValueError, match="attention_weights='silu' needs smooth=True"):
         AttentionPotentialConfig(attention_weights="silu", smooth=False)
+    with pytest.raises(ValueError, match="coulomb_cutoff=10.0 needs electrostatics=True"):
+        AttentionPotentialConfig(coulomb_cutoff=10.0)
+    with pytest.raises(ValueError, match="coulomb_cutoff=0.0 needs .* a positive value"):
+        AttentionPotentialConfig(electrostatics=True, coulomb_cutoff=0.0)
+    assert AttentionPotentialConfig(electrostatics=True, coulomb_cutoff=30.0).graph_cutoff == 30
+    assert AttentionPotentialConfig(cutoff=6.0).graph_cutoff == 6.0
     model = AttentionPotential(CFG, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="Potential needs elements or a reference"):
         Potential(model)
@@ -619,7 +638,8 @@ def with_pairs(graph):
     return graph._replace(edges={**graph.edges, "pair": pair})
 
 
-@pytest.mark.parametrize("kind", ["attention", "schnet", "crystal", "vector", "coulomb"])
+@pytest.mark.parametrize("kind", ["attention", "schnet", "crystal", "vector", "coulomb",
+                                  "coulomb_long"])
 def test_pair_slots_give_the_same_energy_and_exact_forces(x64, pots, kind):
     """Radial networks once per pair: same energies/forces as per edge, forces = -dE/dx (FD)."""
     if kind == "crystal":

@@ -186,9 +186,12 @@ class AttentionPotentialConfig:
     per atom off the final vector channels: ``model(graph, denoise=True)`` returns it beside
     the energies, for the denoising auxiliary loss of ``TrainConfig.denoise_sigma``.
     ``electrostatics=True`` adds a Coulomb term between learned, per-molecule neutral atomic
-    charges over every edge within ``cutoff`` (see :func:`coulomb_energy`), PhysNet-style, for
-    charge-separated molecules (zwitterions) whose energy follows ``1/r`` over 7-9 Å; it needs
-    a graph holding those pairs (QM9's complete graphs, or a radius graph at ``cutoff``).
+    charges over every edge within ``coulomb_cutoff`` (default: ``cutoff``; see
+    :func:`coulomb_energy`), PhysNet-style, for charge-separated molecules (zwitterions) whose
+    energy follows ``1/r`` over 7-9 Å; it needs a graph holding those pairs (QM9's complete
+    graphs, or a radius graph at :attr:`graph_cutoff`). The envelope takes the term to 0 at its
+    cutoff, so it damps the pairs near it (to 21 % at 0.8 of the cutoff): a ``coulomb_cutoff``
+    beyond the molecule's size keeps the attention local and the Coulomb term whole.
     """
 
     dim: int = 64
@@ -207,6 +210,12 @@ class AttentionPotentialConfig:
     attention_weights: str = "softmax"
     denoise: bool = False
     electrostatics: bool = False
+    coulomb_cutoff: float | None = None
+
+    @property
+    def graph_cutoff(self) -> float:
+        """The radius (Å) a radius graph needs for this model: the largest of its cutoffs."""
+        return max(self.cutoff, self.coulomb_cutoff or 0.0)
 
     def __post_init__(self) -> None:
         if self.denoise and not self.vector_features:
@@ -232,6 +241,10 @@ class AttentionPotentialConfig:
                              f"discontinuous), got {self.activation!r}")
         if self.steps < 1 or not self.cutoff > 0:
             raise ValueError(f"need steps >= 1 and cutoff > 0, got {self.steps}, {self.cutoff}")
+        if self.coulomb_cutoff is not None and not (self.electrostatics
+                                                    and self.coulomb_cutoff > 0):
+            raise ValueError(f"coulomb_cutoff={self.coulomb_cutoff} needs electrostatics=True "
+                             "and a positive value (Å)")
 
 
 class AttentionPotential(nnx.Module):
@@ -415,8 +428,11 @@ class AttentionPotential(nnx.Module):
         q = None
         if self.charge_head is not None:
             q = neutral_charges(self.charge_head(x)[:, 0], g.n_node, mask)
+            env_q = envelope
+            if c.coulomb_cutoff is not None:
+                env_q = _per_edge(polynomial_cutoff(d, c.coulomb_cutoff), g)
             e_coul = self.coulomb_scale[...] * coulomb_energy(
-                q, _per_edge(d, g), envelope, senders=g.senders, receivers=g.receivers)
+                q, _per_edge(d, g), env_q, senders=g.senders, receivers=g.receivers)
             total = sum_readout(e_coul, g.n_node, mask=mask)
             out = (out[0] + total, out[1] + e_coul) if per_atom else out + total
         extra = ([self.denoise_head(vec)[..., 0]] if denoise else []) + ([q] if charges else [])

@@ -224,9 +224,10 @@ def prepare_frames(frames: FrameSet, split, config: PotentialConfig) -> Prepared
 def _model_config(config: PotentialConfig, model_config):
     if model_config is None:
         return default_config(config.model, cutoff=config.cutoff)
-    if not math.isclose(model_config.cutoff, config.cutoff):
+    model_cutoff = getattr(model_config, "graph_cutoff", model_config.cutoff)
+    if not math.isclose(model_cutoff, config.cutoff):
         raise ValueError(f"cutoff {config.cutoff} Å of the PotentialConfig differs from the "
-                         f"model config's {model_config.cutoff} Å; the graphs and the model "
+                         f"model config's {model_cutoff} Å; the graphs and the model "
                          "must use one cutoff")
     return model_config
 
