@@ -63,9 +63,9 @@ def charge_class(smiles: str) -> str:
     return "zwitterion" if pos else "neutral"
 
 
-def _predict_part(run: Path, part: str, molecules) -> tuple[dict[str, np.ndarray], str]:
+def _predict_part(run: Path, part: str, molecules) -> tuple[dict[str, np.ndarray], int]:
     """A run still training: its best checkpoint's predictions of the split's ``part``
-    (``mpattn.load_predictor``), and a note naming the epoch."""
+    (``mpattn.load_predictor``), and that checkpoint's epoch."""
     from mpattn.predict import load_predictor
 
     split = run / "split.json"
@@ -81,21 +81,22 @@ def _predict_part(run: Path, part: str, molecules) -> tuple[dict[str, np.ndarray
     index = molecules.index_of(ids)
     pred = predictor(molecules.to_atoms(index), batch_size=128, progress=True)
     return ({"id": ids, "n_atoms": molecules.n_atoms[index].astype(np.int64),
-             "true": molecules.targets[predictor.target][index], "pred": pred},
-            f"{run}: still training, its best checkpoint (epoch {predictor.epoch})")
+             "true": molecules.targets[predictor.target][index], "pred": pred}, predictor.epoch)
 
 
-def _read(run: Path, part: str, molecules=None) -> dict[str, np.ndarray]:
-    """``run``'s predictions of ``part``: its predictions.csv, or for a run still training
-    (no predictions.csv yet) its best checkpoint's, when ``molecules`` (QM9) are given."""
+def _read(run: Path, part: str, molecules=None) -> tuple[dict[str, np.ndarray], str]:
+    """``run``'s predictions of ``part`` and where they come from: its predictions.csv, or for
+    a run still training (no predictions.csv yet) its best checkpoint's, when ``molecules``
+    (QM9) are given."""
     from mpattn.train.report import read_predictions
 
     path = run / "predictions.csv"
     if not path.is_file():
         if molecules is not None and (run / "checkpoints").is_dir():
-            preds, note = _predict_part(run, part, molecules)
-            print(note, flush=True)
-            return preds
+            preds, epoch = _predict_part(run, part, molecules)
+            source = f"still training, its best checkpoint (epoch {epoch})"
+            print(f"{run}: {source}", flush=True)
+            return preds, source
         raise ValueError(f"{run}: no predictions.csv (is the run finished?)")
     results = run / "results.json"
     if results.is_file() and "mae_mev" not in json.loads(results.read_text()).get("test", {}):
@@ -103,7 +104,7 @@ def _read(run: Path, part: str, molecules=None) -> dict[str, np.ndarray]:
     parts = read_predictions(path)
     if part not in parts:
         raise ValueError(f"{path}: no '{part}' rows (parts: {sorted(parts)})")
-    return parts[part]
+    return parts[part], "predictions.csv"
 
 
 def analyse(runs: dict[str, dict[str, np.ndarray]], smiles_of, *, top: int = 15) -> dict:
@@ -263,8 +264,9 @@ def main(argv=None) -> int:
         return 2
     try:
         ms = qm9_molecules(args.dataset_cache)
-        runs = {label: _read(p, args.part, ms)
+        read = {label: _read(p, args.part, ms)
                 for label, p in zip(labels, args.runs, strict=True)}
+        runs = {label: preds for label, (preds, _) in read.items()}
         index = {int(i): k for k, i in enumerate(ms.ids)}
 
         def smiles_of(mol_id: int) -> str:
@@ -279,6 +281,7 @@ def main(argv=None) -> int:
         return 2
     print(table(result))
     saved = {"runs": {k: str(p) for k, p in zip(labels, args.runs, strict=True)},
+             "sources": {label: source for label, (_, source) in read.items()},
              "part": args.part, **{k: v for k, v in result.items() if not k.startswith("_")}}
     save_result_and_figure("errors", saved, lambda path: plot(result, path), out=args.out,
                            save=not args.no_save)

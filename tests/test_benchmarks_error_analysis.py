@@ -1,6 +1,8 @@
 """benchmarks.error_analysis: charge classes of QM9 SMILES, per-class errors, worst molecules,
 and its errors for runs of another split or without predictions."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -120,12 +122,14 @@ def test_a_run_still_training_is_read_from_its_best_checkpoint(qm9_molset, tmp_p
     run_qm9(TrainConfig(model="schnet", epochs=2, batch_size=32, seed=1), workdir=run,
             sizes=(300, 60, 100), dataset_cache=cache, progress=False, log=lambda *_: None,
             model_overrides={"interactions": 2, "dim": 32, "num_filters": 32, "num_rbf": 16})
-    finished = _read(run, "test")
+    finished, source = _read(run, "test")
+    assert source == "predictions.csv"
     (run / "predictions.csv").rename(tmp_path / "kept.csv")
     with pytest.raises(ValueError, match="no predictions.csv"):
         _read(run, "test")  # without the dataset, nothing to predict
-    training = _read(run, "test", qm9_molset)
-    assert "still training, its best checkpoint (epoch" in capsys.readouterr().out
+    training, source = _read(run, "test", qm9_molset)
+    assert re.fullmatch(r"still training, its best checkpoint \(epoch [12]\)", source)
+    assert f"{run}: {source}" in capsys.readouterr().out
     o, p = np.argsort(finished["id"]), np.argsort(training["id"])
     np.testing.assert_array_equal(finished["id"][o], training["id"][p])
     np.testing.assert_array_equal(finished["n_atoms"][o], training["n_atoms"][p])
