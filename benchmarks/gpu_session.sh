@@ -28,7 +28,7 @@
 #            results are copied to benchmarks/results/                   (about 10 min)
 #   sweep    benchmarks.sweep: several experiments.qm9_u0 runs of the accuracy stage's setup
 #            at once on the one GPU ($SWEEP names them, default vec64-silu-dn
-#            vec64-silu-dn-cut10 vec64-silu-dn-cut10-es-dip vec128-silu-dn; `python -m
+#            vec64-silu-dn-es30-dip0.1 vec64-silu-dn-es30-dip vec128-silu-dn; `python -m
 #            benchmarks.sweep --list`),
 #            $MINUTES (default 6.5) minutes of training each, and their ensemble; each run's folder and the sweep's JSON land in
 #            benchmarks/results/ (TAG names a second sweep of the same day) (about 9.5 min)
