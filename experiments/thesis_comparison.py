@@ -20,13 +20,15 @@ import dataclasses
 import json
 from pathlib import Path
 
+from mpattn.models import default_config
 from mpattn.train.experiment import (
     PRESETS,
-    RESUME_MAY_CHANGE,
     STANDARD_ATTENTION,
     STANDARD_DENOISE,
+    resume_conflicts,
     run_qm9,
 )
+from mpattn.train.loop import with_training_heads
 from mpattn.train.metrics import KCAL_MOL_MEV
 from mpattn.train.report import write_json
 
@@ -94,12 +96,9 @@ def main(argv=None) -> int:
         overrides = model_overrides | json.loads(args.model_config)
         if args.resume and (sub / "results.json").is_file():
             res = json.loads((sub / "results.json").read_text())
-            differ = [f"{k}: {res['config'].get(k)!r} -> {v!r}"
-                      for k, v in dataclasses.asdict(config).items()
-                      if k not in RESUME_MAY_CHANGE and k in res["config"]
-                      and res["config"][k] != v]
-            differ += [f"{k}: {res['model_config'].get(k)!r} -> {v!r}"
-                       for k, v in overrides.items() if res["model_config"].get(k) != v]
+            # results.json records the model config as built (with its training heads)
+            built = with_training_heads(config, default_config(model, **overrides))
+            differ = resume_conflicts(res, config, built)
             if differ:
                 raise SystemExit(f"--resume: {sub / 'results.json'} is of a run with other "
                                  f"settings ({'; '.join(differ)}); use another --workdir")

@@ -301,6 +301,9 @@ def test_thesis_comparison_writes_table_and_figure(cache_file, tmp_path):
     # a finished model of other settings is refused, naming the setting
     with pytest.raises(SystemExit, match=r"other settings \(.*dim: 16 -> 24"):
         main([*args, "--model-config", tiny.replace('"dim": 16', '"dim": 24')])
+    # so is one trained with other training settings (checked as a resumed run's are)
+    with pytest.raises(SystemExit, match=r"other settings \(seed: 1 -> 2"):
+        main([*args, "--model-config", tiny, "--seed", "2"])
 
 
 def test_thesis_comparison_sets_our_variant_as_the_standard_preset_does():
