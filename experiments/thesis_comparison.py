@@ -20,11 +20,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-from mpattn.models import default_config
 from mpattn.train.experiment import (
     PRESETS,
     STANDARD_ATTENTION,
     STANDARD_DENOISE,
+    preset_model_config,
     resume_conflicts,
     run_qm9,
 )
@@ -97,7 +97,8 @@ def main(argv=None) -> int:
         if args.resume and (sub / "results.json").is_file():
             res = json.loads((sub / "results.json").read_text())
             # results.json records the model config as built (with its training heads)
-            built = with_training_heads(config, default_config(model, **overrides))
+            built = with_training_heads(config, preset_model_config(model, "thesis",
+                                                                    overrides))
             differ = resume_conflicts(res, config, built)
             if differ:
                 raise SystemExit(f"--resume: {sub / 'results.json'} is of a run with other "

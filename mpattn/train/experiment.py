@@ -32,6 +32,7 @@ from mpattn.train.report import (
 )
 
 __all__ = ["DEFAULT_MODEL", "PRESETS", "STANDARD_ATTENTION", "STANDARD_DENOISE", "Preset",
+           "preset_model_config",
            "run_qm9"]
 
 
@@ -176,6 +177,15 @@ def resume_conflicts(meta: dict, config: TrainConfig, model_config) -> list[str]
     return out
 
 
+def preset_model_config(model: str, preset: str | None = None, overrides: dict | None = None):
+    """``model``'s typed config under ``preset`` (a :data:`PRESETS` name, or None): its
+    registry default, the preset's overrides of it, then ``overrides`` on top."""
+    from mpattn.models import default_config
+
+    preset_models = PRESETS[preset].models if preset in PRESETS else {}
+    return default_config(model, **{**preset_models.get(model, {}), **(overrides or {})})
+
+
 def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=None,
             resume: bool = False, dataset_cache: str | Path | None = None,
             model_overrides: dict | None = None, preset: str | None = None,
@@ -203,7 +213,6 @@ def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=
     """
     from mpattn.data.cache import load_molset
     from mpattn.data.qm9 import load_qm9, load_split, make_split, save_split
-    from mpattn.models import default_config
 
     t_start = time.perf_counter()
     workdir = Path(workdir)
@@ -215,9 +224,7 @@ def run_qm9(config: TrainConfig, *, workdir: str | Path, sizes=None, split_file=
             raise ValueError(f"--resume: {workdir} holds no checkpoints/ folder (nothing to "
                              "resume); run without --resume to start")
         split_file = split_file or workdir / "split.json"
-    preset_models = PRESETS[preset].models if preset in PRESETS else {}
-    model_config = default_config(config.model, **{**preset_models.get(config.model, {}),
-                                                   **(model_overrides or {})})
+    model_config = preset_model_config(config.model, preset, model_overrides)
     # the model config as built (its denoising head on if config asks); bad settings fail here,
     # before the data loads
     built_config = with_training_heads(config, model_config)
