@@ -143,9 +143,11 @@ def mse_adam_steps(model, lr: float = 1e-3, *, steps_per_call: int = 1):
     """The benchmarks' jit-compiled forward and train step of an nnx ``model``.
 
     Returns ``(forward, train_step, state, opt_state)``, ``state`` and ``opt_state`` as flat
-    lists of arrays (the model's nnx state and Adam's state; the trainers pass their carry
-    the same way, see ``mpattn.train.loop.jit_carry``): ``forward(state, graph)`` gives the
-    predictions; ``train_step(state, opt_state, graph) -> (state, opt_state, loss)`` is a
+    lists of arrays (the model's nnx state and Adam's state; the trainer passes its carry
+    the same way, see ``mpattn.train.steps.jit_carry``): ``forward(state, graph)`` gives the
+    per-graph predictions (the model's ``"energy"`` output, [num_graphs]: only that output
+    leaves the jitted function, as when the models returned it alone);
+    ``train_step(state, opt_state, graph) -> (state, opt_state, loss)`` is a
     masked MSE (against ``graph.globals["y"]``) + Adam step with ``state`` and ``opt_state``
     donated (pass the returned ones on). The jitted functions keep the names ``forward`` and
     ``train_step`` (compile counters filter on them).
@@ -169,7 +171,7 @@ def mse_adam_steps(model, lr: float = 1e-3, *, steps_per_call: int = 1):
     opt = optax.adam(lr)
 
     def forward(state, graph):
-        return nnx.merge(graphdef, state)(graph)
+        return nnx.merge(graphdef, state)(graph)["energy"]
 
     def loss_fn(state, graph):
         mask = graph_mask(graph)
@@ -194,8 +196,8 @@ def mse_adam_steps(model, lr: float = 1e-3, *, steps_per_call: int = 1):
                                                       length=steps_per_call)
             return state, opt_state, losses
 
-    # the jitted functions take and return flat lists of arrays, as the trainers' steps do
-    # (mpattn.train.loop.jit_carry): nnx State arguments cost ms of host time per call
+    # the jitted functions take and return flat lists of arrays, as the trainer's steps do
+    # (mpattn.train.steps.jit_carry): nnx State arguments cost ms of host time per call
     state_leaves, state_def = jax.tree.flatten(state)
     opt_leaves, opt_def = jax.tree.flatten(opt.init(state))
 

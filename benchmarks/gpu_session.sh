@@ -71,7 +71,7 @@ if [[ ${QUICK:-0} == 1 ]]; then
     long_epochs=${EPOCHS:-3}
     sweep=("${few[@]}" --epochs 2)
 else
-    speed=() roof=(--models mpnn schnet mhmp attention_potential) acc=() scal=() std=() long=()
+    speed=() roof=(--models mpnn schnet mhmp attention) acc=() scal=() std=() long=()
     sweep=()
     multi=(--steps-per-call "$steps")
 fi

@@ -46,17 +46,19 @@ runs one step per batch, over the same batches (the same molecules; PyG has no p
 
 **Accuracy at equal time** (``--minutes M``): the ``cpu`` preset's split 15,000 / 1,000 / 5,000
 (``make_split``, seed 0, one split file for all runs); the same per-element reference and
-standardisation fitted on the training split (``mpattn.train.loop.prepare``: PyG trains on the
-very same numbers); L1 loss, Adam lr 1e-3, batch ``--batch-size``, gradient clipping 10, cosine
-lr (1 warm-up epoch) over ``planned_epochs(M, train mol/s at that batch size, n_train)`` epochs
-(:func:`planned_epochs`, the same rule for both). Ours trains through ``run_qm9`` (time budget
-checked at epoch ends: it stops before an epoch that would overrun); PyG through a torch loop
+standardisation fitted on the training split (``mpattn.train.PropertyTask().prepare``: PyG
+trains on the very same numbers); L1 loss, Adam lr 1e-3, batch ``--batch-size``, gradient
+clipping 10, cosine lr (1 warm-up epoch) over ``planned_epochs(M, train mol/s at that batch
+size, n_train)`` epochs (:func:`planned_epochs`, the same rule for both). Ours trains through
+``experiments.qm9_u0.run`` with the model's default config (time budget checked at epoch
+ends: it stops before an epoch that would overrun); PyG through a torch loop
 (PyG ``DataLoader`` shuffled each epoch from seed 0, collation in the main thread, lr from our
 optax schedule at every step, stop after the first batch that ends past M minutes). Both
 clocks include the per-epoch validation; both evaluate the best-by-validation weights (PyG:
 validation after each epoch and once after stopping). Plus a row "<model> (cpu preset)":
-``run_qm9`` with the ``cpu`` preset, its default model and ``time_budget_min=M``
-(``--no-preset-row`` skips it).
+``experiments.qm9_u0.run`` with the ``cpu`` preset (``experiments.configs.qm9.PRESETS``), its
+default model (``attention``, silu attention weights), its model config and task and
+``time_budget_min=M``, its epochs not planned (``--no-preset-row`` skips it).
 
 Writes ``peers-<device>-<date>[-n].json`` (and ``.png``, test MAE bars, with ``--minutes``) under
 ``--out`` (default ``benchmarks/results/``).
@@ -263,7 +265,8 @@ def _predict(model, data: list, batch_size: int = 256) -> np.ndarray:
 def train_pyg(name: str, prepared, *, minutes: float, epochs: int, batch_size: int = 32,
               lr: float = 1e-3, clip_norm: float = 10.0, seed: int = 0, config=None,
               progress: bool = True, device=None) -> dict:
-    """Train the PyG peer on ``prepare``'s data for ``epochs`` or ``minutes``; best-by-val.
+    """Train the PyG peer on ``PropertyTask.prepare``'s data (``mpattn.train.PropertyData``) for
+    ``epochs`` or ``minutes``; best-by-val.
 
     Returns:
         ``epochs`` (updates / updates per epoch), ``steps``, ``mol_per_s`` (training molecules
@@ -350,26 +353,30 @@ def accuracy_rows(models, speed: dict, *, minutes: float, batch_size: int, workd
         speed: ``(model, framework) -> train mol/s`` at ``batch_size`` (plans the epochs).
         minutes: Training time per run.
         batch_size: Training batch size.
-        workdir: Folder for ``run_qm9``'s outputs and the shared split file.
+        workdir: Folder for ``experiments.qm9_u0.run``'s outputs and the shared split file.
         dataset_cache: a featurized QM9 cache file to read instead of qm9pack.
         device: the PyG peers' torch device (default :func:`torch_device`).
     """
+    from experiments.configs.qm9 import PRESETS
+    from experiments.qm9_u0 import run
     from mpattn.data.qm9 import make_split, save_split
-    from mpattn.train.experiment import PRESETS, run_qm9
-    from mpattn.train.loop import TrainConfig, prepare
+    from mpattn.models import default_config
+    from mpattn.train import PropertyTask, TrainConfig
 
     ms = qm9_molecules(dataset_cache)
     split = make_split(ms.ids, sizes=SIZES, seed=0)
-    split_file = save_split(split, workdir / "split.json")  # every run_qm9 reads this split
+    split_file = save_split(split, workdir / "split.json")  # every run reads this split
+    task = PropertyTask()  # U0 with the per-element reference, for ours and PyG alike
     rows, prepared = [], None
     for name in models:
         cfg = TrainConfig(model=name, loss="l1", schedule="cosine", batch_size=batch_size,
                           ema_decay=None, time_budget_min=minutes)
         if prepared is None:
-            prepared = prepare(ms, split, cfg)
+            prepared = task.prepare(ms, split, cfg)
         plan = {fw: planned_epochs(minutes, speed[name, fw], SIZES[0]) for fw in ("ours", "pyg")}
-        res = run_qm9(dataclasses.replace(cfg, epochs=plan["ours"]), workdir=workdir / name,
-                      split_file=split_file, progress=progress, dataset_cache=dataset_cache)
+        res = run(dataclasses.replace(cfg, epochs=plan["ours"]), task, workdir=workdir / name,
+                  split_file=split_file, progress=progress, dataset_cache=dataset_cache,
+                  model_config=default_config(name))
         rows.append(_ours_row(name, res, plan["ours"]))
         print(format_accuracy_row(rows[-1]), flush=True)
         pyg = train_pyg(name, prepared, minutes=minutes, epochs=plan["pyg"],
@@ -379,9 +386,11 @@ def accuracy_rows(models, speed: dict, *, minutes: float, batch_size: int, workd
         print(format_accuracy_row(rows[-1]), flush=True)
     if preset_row:
         p = PRESETS["cpu"]
-        cfg = dataclasses.replace(p.train, time_budget_min=minutes)
-        res = run_qm9(cfg, workdir=workdir / f"{cfg.model}-cpu-preset", split_file=split_file,
-                      preset="cpu", progress=progress, dataset_cache=dataset_cache)
+        model = p.train.model
+        cfg = dataclasses.replace(p.train_for(model), time_budget_min=minutes)
+        res = run(cfg, p.task_for(model), workdir=workdir / f"{cfg.model}-cpu-preset",
+                  split_file=split_file, preset="cpu", progress=progress,
+                  dataset_cache=dataset_cache, model_config=p.model_config(model))
         rows.append(_ours_row(f"{cfg.model} (cpu preset)", res, cfg.epochs))
         print(format_accuracy_row(rows[-1]), flush=True)
     return rows
@@ -449,7 +458,8 @@ def main(argv=None) -> int:
                     help="the PyG peers' device: cpu, cuda, cuda:1 (default: cuda if torch "
                          "sees a GPU, else cpu)")
     ap.add_argument("--workdir", type=Path, default=None,
-                    help="run_qm9 outputs of --minutes (default: a temporary folder)")
+                    help="experiments.qm9_u0 run outputs of --minutes (default: a temporary "
+                         "folder)")
     ap.add_argument("--out", type=Path, default=None,
                     help="folder of the JSON/PNG (default benchmarks/results)")
     add_timing_arguments(ap)

@@ -2,14 +2,17 @@
 
     python -m benchmarks.scaling                                 # both potentials, CPU
     python -m benchmarks.scaling --models schnet --sizes 96 384 1536 --repeats 3 --no-save
+    python -m benchmarks.scaling --models attention \
+        --model-config '{"attention_weights": "softmax"}'    # attention with softmax weights
 
 Each system is a cubic periodic box of ``N/3`` rigid water molecules (O-H 0.96 Å, H-O-H
 104.5°, random orientations) on a seeded jittered grid at 0.0334 molecules/Å³ (1.0 g/cm³;
 O-O distances >= 2 Å under the minimum image). Structures are not equilibrated: what sets the
 cost is the number of atoms and of neighbours within the cutoff (≈ 4π/3 r_c³ · 0.1 atoms/Å³
-≈ 52 at 5 Å), both reported. Every model (its default config with ``cutoff`` overridden to
-``--cutoff``: SchNet's published 10 Å becomes 5 Å) is wrapped in a
-:class:`~mpattn.models.potential.Potential` with zero reference energies for H and O; per size
+≈ 52 at 5 Å), both reported. Every model (its default config, ``--model-config``'s fields on
+top, with ``cutoff`` overridden to ``--cutoff``: SchNet's published 10 Å becomes 5 Å; the
+configs measured are recorded in the JSON) is wrapped in a
+:class:`~mpattn.potential.Potential` with zero reference energies for H and O; per size
 the padded neighbour graph is built once (:func:`mpattn.neighbors.neighbor_graph`, vesin,
 timed separately), ``energy_and_forces`` is jit-compiled (compile seconds reported) and the
 median of ``--repeats`` calls (``jax.block_until_ready``) is the time per step. The exponent
@@ -20,6 +23,11 @@ per call, fails with an out-of-memory error or is predicted to exceed the availa
 stops the growth for that model (the reason is recorded). Each size runs in a fresh
 process unless ``--in-process``. Writes
 ``benchmarks/results/scaling-<device>-<date>.json`` and ``.png`` (log-log plot).
+
+The ``attention`` model's default config has ``attention_weights="silu"`` (the model the main
+job trains); results written before the one-engine refactor name it ``attention_potential``
+and timed its softmax weights, which ``--model-config '{"attention_weights": "softmax"}'``
+times again.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import time
 import numpy as np
 
 from benchmarks.common import machine_info, write_result
+from benchmarks.speed import parse_model_config
 
 __all__ = ["WATER_DENSITY", "fit_exponent", "main", "measure", "water_box"]
 
@@ -137,11 +146,12 @@ def _available_mb() -> float:
 
 
 def build_potential(name: str, cutoff: float, overrides: dict | None = None, seed: int = 0):
-    """``Potential(model, elements=("H", "O"))`` of ``name``'s default config + ``cutoff``."""
+    """``Potential(model, elements=("H", "O"))`` of ``name``'s default config, ``overrides``
+    and ``cutoff`` on top."""
     from flax import nnx
 
     from mpattn.models import create_model
-    from mpattn.models.potential import Potential
+    from mpattn.potential import Potential
 
     model = create_model(name, rngs=nnx.Rngs(seed), **{**(overrides or {}), "cutoff": cutoff})
     return Potential(model, elements=("H", "O"))
@@ -159,8 +169,8 @@ def measure(name: str, n_atoms: int, *, cutoff: float = 5.0, repeats: int = 5, s
     import jax
     from flax import nnx
 
-    from mpattn.models.potential import energy_and_forces
     from mpattn.neighbors import neighbor_graph
+    from mpattn.potential import energy_and_forces
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -208,10 +218,12 @@ def _is_oom(err: Exception) -> bool:
         or "out of memory" in text
 
 
-def _measure_isolated(name, n, *, cutoff, repeats, seed) -> dict:
+def _measure_isolated(name, n, *, cutoff, repeats, seed, overrides=None) -> dict:
     """:func:`measure` in a fresh Python process (per-size peak RSS, no state carried over)."""
     cmd = [sys.executable, "-m", "benchmarks.scaling", "--one", name, str(n), "--cutoff",
            str(cutoff), "--repeats", str(repeats), "--seed", str(seed)]
+    if overrides:
+        cmd += ["--model-config", json.dumps(overrides)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         if proc.returncode in (-9, 137) or _is_oom(RuntimeError(proc.stderr[-2000:])):
@@ -225,11 +237,9 @@ def run_model(name: str, sizes, *, cutoff: float, repeats: int, seed: int = 0,
               log=print) -> tuple[list[dict], str | None]:
     """Rows for growing sizes until done or stopped; ``(rows, reason stopped or None)``.
 
-    With ``isolate`` every size runs in a fresh process (:func:`_measure_isolated`; default
-    configs only), so ``peak_rss_mb`` is that size's own peak.
+    With ``isolate`` every size runs in a fresh process (:func:`_measure_isolated`, given the
+    same ``overrides``), so ``peak_rss_mb`` is that size's own peak.
     """
-    if isolate and overrides:
-        raise ValueError("isolate=True measures default configs only")
     potential = None if isolate else build_potential(name, cutoff, overrides, seed)
     rows, rss0 = [], 0.0 if isolate else _rss_mb()
     for n in sorted(sizes):
@@ -241,7 +251,8 @@ def run_model(name: str, sizes, *, cutoff: float, repeats: int, seed: int = 0,
                               f"{_available_mb():.0f} MB available")
         try:
             if isolate:
-                row = _measure_isolated(name, n, cutoff=cutoff, repeats=repeats, seed=seed)
+                row = _measure_isolated(name, n, cutoff=cutoff, repeats=repeats, seed=seed,
+                                        overrides=overrides)
             else:
                 row = measure(name, n, cutoff=cutoff, repeats=repeats, seed=seed,
                               potential=potential)
@@ -317,22 +328,28 @@ def plot(results: dict, fits: dict, path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.scaling",
                                  description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="+", default=["attention_potential", "schnet"])
+    ap.add_argument("--models", nargs="+", default=["attention", "schnet"])
     ap.add_argument("--sizes", nargs="+", type=int,
                     default=[96, 384, 1536, 3072, 6144, 12288])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cutoff", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fit-min-atoms", type=int, default=1000)
+    ap.add_argument("--model-config", default="{}", metavar="JSON",
+                    help="config overrides (a JSON object) of every model in --models, e.g. "
+                         '\'{"attention_weights": "softmax"}\' (--cutoff still sets the '
+                         "cutoff); recorded in the JSON (default: the default configs)")
     ap.add_argument("--in-process", action="store_true",
                     help="measure every size in this process (default: a fresh process per "
                          "size, so that peak RSS is per size and no state carries over)")
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "ATOMS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    overrides = parse_model_config(ap, args.model_config,
+                                   [args.one[0]] if args.one else args.models)
     if args.one:  # worker of the isolated mode: one row as JSON on the last stdout line
         row = measure(args.one[0], int(args.one[1]), cutoff=args.cutoff,
-                      repeats=args.repeats, seed=args.seed)
+                      repeats=args.repeats, seed=args.seed, overrides=overrides)
         print(json.dumps(row))
         return 0
     from mpattn.models import default_config
@@ -340,9 +357,11 @@ def main(argv=None) -> int:
     print(HEADER, flush=True)
     results, stopped, configs = {}, {}, {}
     for name in args.models:
-        configs[name] = dataclasses.asdict(default_config(name, cutoff=args.cutoff))
+        configs[name] = dataclasses.asdict(default_config(name, **{**overrides,
+                                                                   "cutoff": args.cutoff}))
         rows, why = run_model(name, args.sizes, cutoff=args.cutoff, repeats=args.repeats,
-                              seed=args.seed, isolate=not args.in_process,
+                              seed=args.seed, overrides=overrides,
+                              isolate=not args.in_process,
                               log=lambda s: print(s, flush=True))
         results[name], stopped[name] = rows, why
         if why:
@@ -366,7 +385,8 @@ def main(argv=None) -> int:
             "cutoff": args.cutoff, "sizes": args.sizes, "repeats": args.repeats,
             "seed": args.seed, "isolated_processes": not args.in_process,
             "density_molecules_per_A3": WATER_DENSITY,
-            "fit_min_atoms": args.fit_min_atoms, "configs": configs, "notes": notes,
+            "fit_min_atoms": args.fit_min_atoms, "model_config": overrides,
+            "configs": configs, "notes": notes,
             "stopped": stopped, "fits": fits, "rows": [r for v in results.values() for r in v],
         })
         png = path.with_suffix(".png")

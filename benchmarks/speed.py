@@ -4,10 +4,18 @@
     python -m benchmarks.speed --models mpnn --batch-sizes 64 --batches 8 --no-save
     python -m benchmarks.speed --models schnet --steps-per-call 4   # 4 train steps per jit call
     python -m benchmarks.speed --sync-every-step      # block after every call (older results)
+    python -m benchmarks.speed --models attention --model-config '{"attention_weights": "softmax"}'
 
-Every registered QM9 model runs its default configuration on real QM9 batches (complete edge
-set, a seeded random sample of ``--molecules`` molecules) padded by ``BatchLoader`` to its
-static budgets. For each batch size it reports
+Every registered QM9 model runs its default configuration (``mpattn.models.default_config``)
+on real QM9 batches (complete edge set, a seeded random sample of ``--molecules`` molecules)
+padded by ``BatchLoader`` to its static budgets. ``--model-config JSON`` overrides fields of
+the config of every model in ``--models`` (each must have them), to time a non-default
+configuration; the overrides are recorded in every row and in the JSON (``model_config``,
+``{}`` for the defaults). The ``attention`` model's default has ``attention_weights="silu"``
+(the model the main job trains); the rows of ``attention_potential`` in results written
+before the one-engine refactor timed its softmax weights, which
+``--models attention --model-config '{"attention_weights": "softmax"}'`` times again. For each
+batch size it reports
 
 - training throughput (jit ``value_and_grad`` + optax Adam step with donated parameters and
   optimizer state) and inference throughput (jit forward), in molecules/s and atoms/s, counting
@@ -40,6 +48,7 @@ Writes ``benchmarks/results/speed-<device>-<date>.json``.
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 import time
@@ -49,8 +58,9 @@ import numpy as np
 from benchmarks.common import mse_adam_steps, write_result
 
 __all__ = ["CompileCounter", "HEADER", "add_timing_arguments", "batch_counts",
-           "check_timing_arguments", "format_row", "header", "main", "measure", "peak_memory",
-           "qm9_batches", "stack_batches", "throughput", "timing_mode"]
+           "check_timing_arguments", "format_row", "header", "main", "measure",
+           "parse_model_config", "peak_memory", "qm9_batches", "stack_batches", "throughput",
+           "timing_mode"]
 
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -217,16 +227,19 @@ def _run(fn, data: list, name: str, sync_every_step: bool = False) -> tuple[floa
 
 
 def measure(name: str, gs, batch_size: int, batches: int, *, steps_per_call: int = 1,
-            sync_every_step: bool = False) -> dict:
+            sync_every_step: bool = False, model_config: dict | None = None) -> dict:
     """Throughput, compilations and peak memory of one model at one batch size.
 
     Args:
-        name: A registered model (``mpattn.models.model_names()``), default configuration.
+        name: A registered model (``mpattn.models.model_names()``), default configuration
+            with ``model_config``'s fields on top.
         gs: The GraphSet to batch (needs ``U0`` and ``id`` globals).
         batch_size: Molecules per batch (``BatchLoader``'s batch size).
         batches: How many batches to time (> 1 steps per call: rounded down to a multiple).
         steps_per_call: Train steps per jit call (K batches of one padding budget, stacked).
         sync_every_step: Block after every call instead of once per timed pass.
+        model_config: Config field overrides of the model (``--model-config``; None or ``{}``:
+            its default configuration), recorded in the row as ``model_config``.
 
     Returns:
         One result row (see the module docstring).
@@ -236,7 +249,8 @@ def measure(name: str, gs, batch_size: int, batches: int, *, steps_per_call: int
 
     from mpattn.models import create_model
 
-    model = create_model(name, rngs=nnx.Rngs(0))
+    overrides = dict(model_config or {})
+    model = create_model(name, rngs=nnx.Rngs(0), **overrides)
     params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     data = qm9_batches(gs, batch_size, batches)
     data = data[:len(data) - len(data) % steps_per_call]  # whole calls of K train steps
@@ -269,7 +283,8 @@ def measure(name: str, gs, batch_size: int, batches: int, *, steps_per_call: int
     mem, kind = peak_memory()
     fwd, train = throughput(mols, atoms, fwd_s), throughput(mols, atoms, train_s)
     return {
-        "model": name, "batch_size": batch_size, "params": int(params), "batches": len(data),
+        "model": name, "model_config": overrides, "batch_size": batch_size,
+        "params": int(params), "batches": len(data),
         "molecules": mols, "atoms": atoms, "budgets_seen": budgets,
         "budgets_seen_train": budgets_train,
         "timing": timing_mode(sync_every_step), "steps_per_call": steps_per_call,
@@ -328,6 +343,26 @@ def check_timing_arguments(ap, args) -> None:
                  f"({args.steps_per_call})")
 
 
+def parse_model_config(ap, text: str, models) -> dict:
+    """``--model-config``'s JSON object, checked against the config of every model in
+    ``models`` (``ap.error`` naming the problem: bad JSON, not an object, a field a model's
+    config lacks or a value it rejects)."""
+    from mpattn.models import default_config
+
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as err:
+        ap.error(f"--model-config {text!r}: not JSON ({err})")
+    if not isinstance(overrides, dict):
+        ap.error(f"--model-config {text!r}: not a JSON object")
+    for name in models:
+        try:
+            default_config(name, **overrides)
+        except (ValueError, TypeError) as err:
+            ap.error(f"--model-config: {err}")
+    return overrides
+
+
 def main(argv=None) -> int:
     from benchmarks.common import add_dataset_cache_argument, qm9_graphs
     from mpattn.models import model_names
@@ -339,29 +374,36 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, default=8, help="timed batches per model and size")
     ap.add_argument("--molecules", type=int, default=2000,
                     help="QM9 molecules drawn at random (seeded) from the whole set")
+    ap.add_argument("--model-config", default="{}", metavar="JSON",
+                    help="config overrides (a JSON object) of every model in --models, e.g. "
+                         '\'{"attention_weights": "softmax"}\'; recorded in the rows '
+                         "(default: each model's default configuration)")
     add_timing_arguments(ap)
     add_dataset_cache_argument(ap)
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
     check_timing_arguments(ap, args)
+    overrides = parse_model_config(ap, args.model_config, args.models)
     gs = qm9_graphs(args.molecules, "complete", dataset_cache=args.dataset_cache)
     print(header(args.steps_per_call), flush=True)
     rows = []
     for name in args.models:
         for bs in args.batch_sizes:
             rows.append(measure(name, gs, bs, args.batches, steps_per_call=args.steps_per_call,
-                                sync_every_step=args.sync_every_step))
+                                sync_every_step=args.sync_every_step, model_config=overrides))
             print(format_row(rows[-1]), flush=True)
     kind = rows[-1]["peak_memory_kind"] if rows else None
     timing = timing_mode(args.sync_every_step)
     print(f"compiles: train/infer:budgets seen (train/infer where they differ; '!' = "
           f"mismatch); peak memory: {kind} "
           f"(process-wide high-water mark); timing: {timing}; train steps per call: "
-          f"{args.steps_per_call}")
+          f"{args.steps_per_call}; model config: "
+          f"{json.dumps(overrides) if overrides else 'defaults'}")
     if not args.no_save:
         path = write_result("speed", {"edge_set": "complete", "molecules": args.molecules,
                                       "batches": args.batches, "timing": timing,
                                       "steps_per_call": args.steps_per_call,
+                                      "model_config": overrides,
                                       "memory_kind": kind, "rows": rows})
         print(f"wrote {path}")
     return 0

@@ -1,6 +1,6 @@
 """An ethanol potential trained on energies and forces, then NVE MD with it.
 
-    python -m experiments.ethanol_potential [--data PATH] [--model attention_potential|schnet]
+    python -m experiments.ethanol_potential [--data PATH] [--model attention|schnet]
         [--train 950 --val 50] [--time-budget-min M] [--epochs N] [--batch-size B] [--lr LR]
         [--beta B] [--seed S] [--workdir runs/ethanol] [--md-ps 10] [--no-md]
         [--no-progress] [--model-config JSON]
@@ -14,8 +14,8 @@ experiment takes about 15 minutes on 2 CPU cores); the cosine schedule then span
 
 Outputs in the workdir: ``results.json`` (test/val metrics, epochs, timings, configs, split
 sizes, MD summary), ``metrics.csv``, ``curves.png``, ``force_parity.png``, ``split.json``,
-``checkpoints/`` (load with :func:`mpattn.train.potential.load_potential`) and, with MD,
-``energy.png``.
+``checkpoints/`` (load with :func:`mpattn.load_run` or ``mpattn.ase.Calculator(workdir)``)
+and, with MD, ``energy.png``. The preset is in ``experiments/configs/ethanol.py``.
 """
 
 from __future__ import annotations
@@ -23,43 +23,39 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DEFAULT_MODEL", "main", "run"]
+from experiments.configs import ethanol as preset
 
-#: Model sizes used unless --model-config overrides them. Attention potential: the registry
-#: defaults with 2 blocks instead of 3 (3-minute runs on 2 shared cores, lr 3e-3, batch 8,
-#: test force MAE: 3 blocks 16.2 meV/Å, 2 blocks 13.7 meV/Å: the 2-block step is about 2.5x
-#: faster, so it sees more epochs in the budget).
-DEFAULT_MODEL: dict[str, dict] = {"attention_potential": {"steps": 2}, "schnet": {
-    "dim": 64, "num_filters": 64, "interactions": 3, "num_rbf": 32}}
-
-
-def _versions() -> dict:
-    import flax
-    import jax
-    import optax
-
-    return {"python": platform.python_version(), "jax": jax.__version__,
-            "flax": flax.__version__, "optax": optax.__version__}
+__all__ = ["main", "run"]
 
 
 def run(args: argparse.Namespace, *, log=print) -> dict:
     """The experiment for parsed command-line ``args``; returns (and writes) the results."""
-    import jax
-
+    from experiments.planning import Replan, plan_epochs
     from mpattn.data.frames import ethanol_xtb_path, read_frames, split_frames
     from mpattn.models import default_config
-    from mpattn.train.loop import calibrate_epochs
-    from mpattn.train.potential import PotentialConfig, PotentialTrainer, prepare_frames
-    from mpattn.train.report import plot_curves, plot_parity, write_json
+    from mpattn.train import Trainer
+    from mpattn.train.report import environment, plot_curves, plot_parity, write_json
 
+    overrides = preset.MODELS.get(args.model, {}) | json.loads(args.model_config or "{}")
+    task = dataclasses.replace(preset.TASK, beta=args.beta,
+                               cutoff=float(overrides.pop("cutoff", preset.TASK.cutoff)))
+    config = dataclasses.replace(preset.TRAIN, model=args.model, lr=args.lr,
+                                 weight_decay=args.weight_decay,
+                                 checkpoint_every_s=args.checkpoint_every_s,
+                                 epochs=args.epochs or 1, batch_size=args.batch_size,
+                                 seed=args.seed, time_budget_min=args.time_budget_min).check()
+    task.check()
+    model_config = task.model_config(default_config(args.model, cutoff=task.cutoff,
+                                                    **overrides))
     workdir = Path(args.workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"--workdir {workdir}: exists and is not a folder")
     workdir.mkdir(parents=True, exist_ok=True)
     data = Path(args.data) if args.data else ethanol_xtb_path()
     frames = read_frames(data)
@@ -70,31 +66,24 @@ def run(args: argparse.Namespace, *, log=print) -> dict:
         "source": str(data), "seed": args.seed,
         **{k: frames.ids[v].tolist() for k, v in (("train", train), ("val", val),
                                                    ("test", test))}}) + "\n")
-    overrides = DEFAULT_MODEL[args.model] | json.loads(args.model_config or "{}")
-    cutoff = float(overrides.pop("cutoff", 5.0))
-    model_config = default_config(args.model, cutoff=cutoff, **overrides)
-    config = PotentialConfig(model=args.model, cutoff=cutoff, beta=args.beta, lr=args.lr,
-                             weight_decay=args.weight_decay,
-                             checkpoint_every_s=args.checkpoint_every_s,
-                             epochs=args.epochs or 1, batch_size=args.batch_size,
-                             seed=args.seed, time_budget_min=args.time_budget_min)
-    prepared = prepare_frames(frames, (train, val, test), config)
+    prepared = task.prepare(frames, (train, val, test), config)
     trial = None  # the trainer that timed the plan: the run reuses its compiled steps
     if args.epochs is None:
-        plan = calibrate_epochs(
-            lambda c, folder: PotentialTrainer(c, prepared, folder, model_config=model_config,
-                                               log=lambda _msg: None),
+        plan = plan_epochs(
+            lambda c, folder: Trainer(c, task, prepared, folder, model_config=model_config,
+                                      log=lambda _msg: None),
             config, args.time_budget_min, reuse_trial=True)
         log(f"{plan.epochs} epochs fit the {args.time_budget_min} min budget")
-        config = dataclasses.replace(config, epochs=plan.epochs, replan=True)
+        config = dataclasses.replace(config, epochs=plan.epochs)
         trial = plan.trial
-    trainer = PotentialTrainer(config, prepared, workdir, model_config=model_config, log=log,
-                               compiled_from=trial)
+    trainer = Trainer(config, task, prepared, workdir, model_config=model_config, log=log,
+                      compiled_from=trial, run_info={"planned": args.epochs is None})
     del trial
     log(f"{args.model}: {trainer.num_params} parameters, {len(train)}/{len(val)}/{len(test)} "
         f"frames, {config.epochs} epochs of {trainer.steps_per_epoch} steps")
     t0 = time.perf_counter()
-    history = trainer.fit(progress=not args.no_progress)
+    history = trainer.fit(progress=not args.no_progress,
+                          after_epoch=Replan(log) if args.epochs is None else None)
     train_s = time.perf_counter() - t0
     trainer.restore("best")  # evaluate the checkpoint with the lowest val force MAE
     reports = {name: trainer.report(name) for name in ("val", "test")}
@@ -104,9 +93,7 @@ def run(args: argparse.Namespace, *, log=print) -> dict:
     log(f"test: energy MAE {t['energy_mae_mev']:.2f} meV ({t['energy_mae_mev_per_atom']:.3f} "
         f"meV/atom), force MAE {t['force_mae_mev_ang']:.2f} meV/Å (RMSE "
         f"{t['force_rmse_mev_ang']:.2f})")
-    plot_curves([{"epoch": r["epoch"], "val_mae": r["val_force_mae_mev_ang"],
-                  "train_loss": r["train_loss"]} for r in history], workdir / "curves.png",
-                unit="meV/Å")
+    plot_curves(history, workdir / "curves.png", unit="meV/Å", key=task.score_key)
     plot_parity(reports["test"]["_forces"].ravel() * 1000, prepared.test.forces.ravel() * 1000,
                 workdir / "force_parity.png", unit="meV/Å", quantity="force component")
     md = _md(args, workdir, prepared.test.frames, log) if not args.no_md else {
@@ -115,9 +102,8 @@ def run(args: argparse.Namespace, *, log=print) -> dict:
         "data": str(data), "model": args.model, "test": t, "val": metrics["val"],
         "epochs": len(history), "best_epoch": trainer.epoch, "train_seconds": train_s,
         "frames_per_s": float(np.median([r["frames_per_s"] for r in history])),
-        "params": trainer.num_params, "device": str(jax.devices()[0]),
-        "versions": _versions(), "config": dataclasses.asdict(config),
-        "model_config": dataclasses.asdict(trainer.model_config),
+        "params": trainer.num_params, **environment(), "config": dataclasses.asdict(config),
+        "task": task.to_dict(), "model_config": dataclasses.asdict(trainer.model_config),
         "reference": prepared.reference.to_dict(),
         "split_sizes": [len(train), len(val), len(test)],
         "rejected_frames": len(frames.rejected), "md": md,
@@ -153,16 +139,16 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.ethanol_potential",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="rMD17 .npz or extxyz (default: the bundled xTB ethanol set)")
-    p.add_argument("--model", default="attention_potential",
-                   choices=["attention_potential", "schnet"])
+    p.add_argument("--model", default="attention", choices=sorted(preset.MODELS))
     p.add_argument("--train", type=int, default=950)
     p.add_argument("--val", type=int, default=50)
     p.add_argument("--time-budget-min", type=float, default=10.0,
                    help="training time (the epochs are sized to fill it without --epochs)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--beta", type=float, default=0.99)
+    p.add_argument("--lr", type=float, default=preset.TRAIN.lr)
+    p.add_argument("--beta", type=float, default=preset.TASK.beta,
+                   help="force weight of the loss (0-1; 1: forces only)")
     p.add_argument("--checkpoint-every-s", type=float, default=30.0,
                    help="checkpoint after the epochs that end this long after the previous "
                         "save (and after the first and last); 0: every epoch (default 30: a "
@@ -191,7 +177,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("not a JSON object")
         except ValueError as err:
             p.error(f"--model-config {args.model_config!r}: {err}")
-    run(args)
+    try:
+        run(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

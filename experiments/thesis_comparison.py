@@ -20,28 +20,21 @@ import dataclasses
 import json
 from pathlib import Path
 
-from mpattn.train.experiment import (
-    PRESETS,
-    STANDARD_ATTENTION,
-    STANDARD_DENOISE,
-    preset_model_config,
-    resume_conflicts,
-    run_qm9,
-)
-from mpattn.train.loop import with_training_heads
+from experiments.configs.qm9 import PRESETS, STANDARD_ATTENTION
+from experiments.qm9_u0 import resume_conflicts, run
 from mpattn.train.metrics import KCAL_MOL_MEV
 from mpattn.train.report import write_json
 
-#: name -> (registry model, model-config overrides, training overrides)
-VARIANTS: dict[str, tuple[str, dict, dict]] = {
-    "MH-MP": ("mhmp", {}, {}),
-    "MH-MP+PE": ("mhmp_pe", {}, {}),
-    "MPNN-GRU": ("mpnn", {}, {}),
+#: name -> (registry model, model-config overrides, training overrides, task overrides)
+VARIANTS: dict[str, tuple[str, dict, dict, dict]] = {
+    "MH-MP": ("mhmp", {}, {}, {}),
+    "MH-MP+PE": ("mhmp_pe", {}, {}, {}),
+    "MPNN-GRU": ("mpnn", {}, {}, {}),
     # the standard preset's model and regulariser, with our loss, reference and EMA, on the
     # thesis' split, batch and schedule
-    "Attention potential (ours: vector channels, silu attention, denoising, L1, reference, "
-    "EMA)": ("attention_potential", STANDARD_ATTENTION,
-             {"loss": "l1", "reference": True, "ema_decay": 0.999, **STANDARD_DENOISE}),
+    "Attention (ours: vector channels, silu attention, denoising, L1, reference, EMA)": (
+        "attention", STANDARD_ATTENTION, {"loss": "l1", "ema_decay": 0.999},
+        {"reference": True, "aux": PRESETS["standard"].aux["attention"]}),
 }
 
 
@@ -87,29 +80,29 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir)
     rows, split_file = [], None
     for name in args.models:
-        model, model_overrides, train_overrides = VARIANTS[name]
+        model, model_overrides, train_overrides, task_overrides = VARIANTS[name]
         fields = {"model": model, "epochs": args.epochs, "time_budget_min": args.time_budget_min,
                   "seed": args.seed}
         config = dataclasses.replace(preset.train, **train_overrides,
                                      **{k: v for k, v in fields.items() if v is not None})
+        task = dataclasses.replace(preset.task, **task_overrides)
         sub = workdir / model if not train_overrides else workdir / f"{model}_ours"
         overrides = model_overrides | json.loads(args.model_config)
+        # the model config as built (with the heads its terms need), as results.json has it
+        model_config = task.model_config(preset.model_config(model, overrides))
         if args.resume and (sub / "results.json").is_file():
             res = json.loads((sub / "results.json").read_text())
-            # results.json records the model config as built (with its training heads)
-            built = with_training_heads(config, preset_model_config(model, "thesis",
-                                                                    overrides))
-            differ = resume_conflicts(res, config, built)
+            differ = resume_conflicts(res, config, task, model_config)
             if differ:
                 raise SystemExit(f"--resume: {sub / 'results.json'} is of a run with other "
                                  f"settings ({'; '.join(differ)}); use another --workdir")
             print(f"{name}: finished before ({sub / 'results.json'}), not trained again")
         else:
-            res = run_qm9(config, workdir=sub, sizes=tuple(sizes), split_file=split_file,
-                          dataset_cache=args.dataset_cache, preset="thesis",
-                          model_overrides=overrides,
-                          resume=args.resume and (sub / "checkpoints").is_dir(),
-                          progress=not args.no_progress)
+            res = run(config, task, workdir=sub, sizes=tuple(sizes), split_file=split_file,
+                      dataset_cache=args.dataset_cache, preset="thesis",
+                      model_config=model_config,
+                      resume=args.resume and (sub / "checkpoints").is_dir(),
+                      progress=not args.no_progress)
         split_file = sub / "split.json"  # every model on the same split
         rows.append({"name": name, "model": model, "test_mae_mev": res["test"]["mae_mev"],
                      "val_mae_mev": res["val"]["mae_mev"], "epochs": res["epochs"],

@@ -1,11 +1,11 @@
 """ASE calculator for trained potentials: energy, free energy and forces of any structure.
 
-``Calculator(workdir)`` loads a trained potential with
-:func:`mpattn.train.potential.load_potential`; :meth:`Calculator.from_potential` wraps one in
+``Calculator(workdir)`` loads a trained potential with :func:`mpattn.load_run`;
+:meth:`Calculator.from_potential` wraps one in
 memory. Each evaluation builds the structure's radius graph with
 :func:`mpattn.neighbors.neighbor_graph` (vesin; periodic cells included), padded to a budget
 with headroom from :class:`mpattn.neighbors.BudgetPolicy`, and calls one jit-compiled
-:func:`mpattn.models.potential.energy_and_forces` per budget: MD steps and structures of other
+:func:`mpattn.potential.energy_and_forces` per budget: MD steps and structures of other
 sizes that fit the budget reuse the compiled function; a structure that overflows it grows
 the budget once (counted in :attr:`Calculator.budget_growths`, logged on ``"mpattn"``).
 
@@ -41,13 +41,13 @@ def _symbols(zs) -> list[str]:
 
 
 class Calculator(_AseCalculator):
-    """An ``ase`` calculator for an :class:`mpattn.models.potential.Potential`.
+    """An ``ase`` calculator for an :class:`mpattn.potential.Potential`.
 
     Results: ``energy`` = ``free_energy`` (eV, float) and ``forces`` (eV/Å, float64 [n, 3]).
 
     Args:
         workdir: a training run's directory (read by
-            :func:`mpattn.train.potential.load_potential`).
+            :func:`mpattn.load_run`).
         which: which checkpoint, ``"best"`` (lowest validation force MAE) or ``"latest"``.
         dtype: compute dtype of the network (``None``: the parameters' dtype, float32;
             ``"float64"`` needs ``jax.config.update("jax_enable_x64", True)`` first).
@@ -75,15 +75,19 @@ class Calculator(_AseCalculator):
             raise TypeError("Calculator needs a workdir (or use Calculator.from_potential)")
         _AseCalculator.__init__(self, **kwargs)
         if potential is None:
-            from mpattn.train.potential import load_potential
+            from mpattn.potential import Potential
+            from mpattn.train.runs import load_run
 
-            potential = load_potential(workdir, which=which)
+            potential = load_run(workdir, which=which)
+            if not isinstance(potential, Potential):
+                raise ValueError(f"{workdir} is a property model's run, not a potential's: "
+                                 "predict with mpattn.load_run(workdir)(atoms)")
         self._setup(potential, dtype, cutoff, policy)
 
     @classmethod
     def from_potential(cls, potential, *, dtype=None, cutoff: float | None = None,
                        policy: BudgetPolicy | None = None, **kwargs) -> Calculator:
-        """A calculator for an in-memory :class:`~mpattn.models.potential.Potential`."""
+        """A calculator for an in-memory :class:`~mpattn.potential.Potential`."""
         return cls(potential=potential, dtype=dtype, cutoff=cutoff, policy=policy, **kwargs)
 
     # ------------------------------------------------------------------ setup
@@ -93,7 +97,7 @@ class Calculator(_AseCalculator):
         import jax.numpy as jnp
         from flax import nnx
 
-        from mpattn.models.potential import Potential, energy_and_forces
+        from mpattn.potential import Potential, energy_and_forces
 
         if not isinstance(potential, Potential):
             raise TypeError(f"Calculator needs an mpattn Potential, got {type(potential)}")

@@ -1,4 +1,4 @@
-"""Molecules and ``ase.Atoms`` into the GraphsTuple of DESIGN.md (RDKit bonds, edge sets).
+"""Molecules and ``ase.Atoms`` into the graphs of docs/design.md (RDKit bonds, edge sets).
 
 Two stages:
 
@@ -9,8 +9,8 @@ Two stages:
    connectivity alone with every bond single (``connectivity``). The path taken is recorded.
    The result is compact (bond list + per-atom integers) so that all of QM9 caches small.
 2. **Graph building** (:func:`node_features`, :func:`complete_edges`, :func:`bond_edges`,
-   :func:`radius_edges`): node features and one of the edge sets ``complete``, ``bonds``,
-   ``radius`` (ASE-compatible neighbour list from vesin, periodic cells included).
+   :func:`mpattn.neighbors.radius_edges`): node features and one of the edge sets
+   ``complete``, ``bonds``, ``radius`` (vesin's neighbour list, periodic cells included).
 
 Node features (float32, in this order): one-hot element over ``options.elements``, atomic
 number, aromatic flag, hybridization one-hot (sp, sp2, sp3, other), number of attached H.
@@ -23,6 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from ase.data import atomic_numbers, chemical_symbols, covalent_radii
+
+from mpattn.elements import QM9_ELEMENTS
+from mpattn.neighbors import radius_edges
 
 __all__ = [
     "BOND_NAMES",
@@ -39,7 +42,6 @@ __all__ = [
     "from_rdkit",
     "node_features",
     "perceive",
-    "radius_edges",
     "validate_atoms",
 ]
 
@@ -64,7 +66,7 @@ class FeaturizeOptions:
             where bonds carry no meaning; every edge is then ``not bonded``.
     """
 
-    elements: tuple[str, ...] = ("H", "C", "N", "O", "F")
+    elements: tuple[str, ...] = tuple(chemical_symbols[z] for z in QM9_ELEMENTS)
     edge_set: str = "complete"
     cutoff: float | None = None
     perceive_bonds: bool = True
@@ -394,31 +396,6 @@ def bond_edges(bonds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return s, r
 
 
-def radius_edges(positions, cutoff: float, cell=None, pbc=None):
-    """Directed pairs closer than ``cutoff`` Å, from vesin's neighbour list.
-
-    For periodic cells an edge may connect periodic images; its Cartesian image shift is
-    returned so that the edge vector is ``positions[s] - positions[r] + shift``.
-
-    Returns:
-        senders int32 [E], receivers int32 [E], shift float32 [E, 3] (zeros without pbc).
-    """
-    from vesin import NeighborList
-
-    pos = np.asarray(positions, dtype=np.float64)
-    periodic = pbc is not None and bool(np.any(pbc))
-    box = np.zeros((3, 3)) if cell is None else np.asarray(cell, dtype=np.float64)
-    if periodic and not np.all(pbc):
-        raise ValueError("radius_edges: mixed periodicity is not supported; use pbc all or none")
-    nl = NeighborList(cutoff=float(cutoff), full_list=True)
-    i, j, shifts = nl.compute(points=pos, box=box, periodic=periodic, quantities="ijS")
-    # vesin's pair (i, j) has vector pos[j] - pos[i] + S @ box: j sends to receiver i.
-    order = np.lexsort((j, i))
-    i, j, shifts = i[order], j[order], shifts[order]
-    shift = (shifts @ box).astype(np.float32) if periodic else np.zeros((len(i), 3), np.float32)
-    return j.astype(np.int32), i.astype(np.int32), shift
-
-
 # --------------------------------------------------------------------------- single graphs
 
 
@@ -434,6 +411,7 @@ def _build_graph(z, pos, p: Perception, options: FeaturizeOptions, cell, pbc, na
         s, r = bond_edges(p.bonds)
     else:
         s, r, shift = radius_edges(pos, options.cutoff, cell, pbc)
+        shift = shift.astype(np.float32)
         if pbc is not None and np.any(pbc):
             edges["shift"] = shift
     edges = {"bond": bond_lookup(n, p.bonds, p.bond_type, s, r), **edges}

@@ -2,7 +2,7 @@
 
 A batch of molecules is one ``jraph.GraphsTuple`` padded to a fixed
 :class:`Budget` ``(n_node, n_edge, n_graph)`` so that a jit-compiled train step sees only a
-few distinct shapes (DESIGN.md, "Static shapes"). Padding follows ``jraph.pad_with_graphs``
+few distinct shapes (docs/design.md, "Static shapes"). Padding follows ``jraph.pad_with_graphs``
 exactly: after the real graphs comes one padding graph that holds every padding node and
 padding edge (padding edges point at the first padding node), then empty graphs; all padded
 rows are zero. Masks come from jraph's ``get_*_padding_mask`` (never use

@@ -8,7 +8,7 @@ edges ``1.25 E`` rounded up to a multiple of 32, 2 graphs); only when a step ove
 the budget grown (by 1.5, or more if needed), which costs exactly one recompilation. Growths
 are counted and each is logged once (Python ``logging``, logger ``"mpattn"``, level INFO).
 
-:func:`neighbor_graph` builds the graph with :func:`mpattn.featurize.radius_edges` (vesin's
+:func:`neighbor_graph` builds the graph with :func:`radius_edges` (vesin's
 neighbour list; periodic cells with image shifts, several images when the cell is smaller than
 twice the cutoff) in exactly the layout of :meth:`mpattn.data.frames.FrameSet.to_graphset`
 padded by :func:`mpattn.graph.pad_batch`, so a potential sees in MD what it saw in training:
@@ -28,7 +28,8 @@ import numpy as np
 
 from mpattn.graph import Budget, edge_pairs, round_up
 
-__all__ = ["BudgetPolicy", "neighbor_graph", "pad_structure", "structure_arrays"]
+__all__ = ["BudgetPolicy", "neighbor_graph", "pad_structure", "radius_edges",
+           "structure_arrays"]
 
 logger = logging.getLogger("mpattn")
 
@@ -174,27 +175,44 @@ def pad_structure(z, positions, senders, receivers, shift, budget: Budget, *,
         senders=snd, receivers=rcv, n_node=n_node, n_edge=n_edge, globals={})
 
 
-def _edges(z, pos, cell, pbc, cutoff: float):
-    """Radius edges in pairs: edge ``2k`` and ``2k + 1`` are one pair's two directions.
+def radius_edges(positions, cutoff: float, cell=None, pbc=None, *,
+                 order: str = "receivers"):
+    """Directed edges between every pair (and periodic image) closer than ``cutoff`` Å, both
+    directions, from vesin's neighbour list: the library's one radius-graph builder.
 
-    From vesin's half neighbour list (each pair once, sorted), so the unordered pair of edge
-    ``e`` is ``e // 2`` without any matching. Shifts are float64 (integer images times the
-    cell); the edge vector is ``positions[s] - positions[r] + shift`` (DESIGN.md).
+    For periodic cells an edge may connect periodic images; its Cartesian image shift is
+    returned so that the edge vector is ``positions[s] - positions[r] + shift``.
+
+    Args:
+        positions: float [n, 3] Å.
+        cutoff: radius in Å.
+        cell, pbc: the cell [3, 3] and periodicity [3] (all or none periodic).
+        order: ``"receivers"``: vesin's full list sorted by receiver, then sender (the layout
+            of the training graphs); ``"pairs"``: from its half list, edges ``2k`` and
+            ``2k + 1`` are one pair's two directions, so the unordered pair of edge ``e`` is
+            ``e // 2`` without any matching.
+
+    Returns:
+        senders int32 [E], receivers int32 [E], shift float64 [E, 3] (zeros without pbc).
     """
     from vesin import NeighborList
 
-    periodic = cell is not None
+    if order not in ("receivers", "pairs"):
+        raise ValueError(f"order must be 'receivers' or 'pairs', got {order!r}")
+    periodic = pbc is not None and bool(np.any(pbc))
     if periodic and not np.all(pbc):
         raise ValueError("radius_edges: mixed periodicity is not supported; use pbc all or none")
-    box = np.asarray(cell, np.float64) if periodic else np.zeros((3, 3))
-    nl = NeighborList(cutoff=float(cutoff), full_list=False)
-    i, j, images = nl.compute(points=np.asarray(pos, np.float64), box=box, periodic=periodic,
-                              quantities="ijS")
-    order = np.lexsort((j, i))
-    i, j = i[order].astype(np.int32), j[order].astype(np.int32)
-    # vesin's pair (i, j) has vector pos[j] - pos[i] + S @ box: j sends to i with that shift,
-    # and i sends to j with the opposite one
-    shift = images[order] @ box if periodic else np.zeros((len(i), 3))
+    box = np.asarray(cell, np.float64).reshape(3, 3) if periodic else np.zeros((3, 3))
+    nl = NeighborList(cutoff=float(cutoff), full_list=order == "receivers")
+    i, j, images = nl.compute(points=np.asarray(positions, np.float64), box=box,
+                              periodic=periodic, quantities="ijS")
+    # vesin's pair (i, j) has vector pos[j] - pos[i] + S @ box: j sends to receiver i
+    by = np.lexsort((j, i))
+    i, j = i[by].astype(np.int32), j[by].astype(np.int32)
+    shift = images[by] @ box if periodic else np.zeros((len(i), 3))
+    if order == "receivers":  # the full list: both directions already, by receiver
+        return j, i, shift
+    # the half list: i sends to j with the opposite shift
     s, r = np.empty(2 * len(i), np.int32), np.empty(2 * len(i), np.int32)
     sh = np.empty((2 * len(i), 3), np.float64)
     s[0::2], r[0::2], sh[0::2] = j, i, shift
@@ -227,8 +245,8 @@ def neighbor_graph(system, cutoff: float, budget: Budget | None = None, *,
     if not cutoff > 0:
         raise ValueError(f"cutoff must be positive, got {cutoff}")
     z, pos, cell, pbc = structure_arrays(system)
-    s, r, shift = _edges(z, pos, cell, pbc, cutoff)
+    s, r, shift = radius_edges(pos, cutoff, cell, pbc, order="pairs")
     if budget is None or not budget.fits(len(z), len(s), 1):
         budget = (policy or BudgetPolicy()).fit(len(z), len(s))
-    pair = np.arange(len(s), dtype=np.int32) // 2  # _edges lists each pair's edges together
+    pair = np.arange(len(s), dtype=np.int32) // 2  # "pairs" lists each pair's edges together
     return pad_structure(z, pos, s, r, shift, budget, dtype=dtype, pair=pair), budget

@@ -2,7 +2,7 @@
 
 Every function takes arrays and index vectors and returns arrays; graph index arguments are
 keyword-only and ``num_segments`` is always static (``nodes.shape[0]``, never
-``jnp.sum(n_node)``), so everything jit-compiles to fixed shapes (DESIGN.md).
+``jnp.sum(n_node)``), so everything jit-compiles to fixed shapes (docs/design.md).
 
 Padding: jraph-style padded batches put padding edges on the padding graph's nodes, so they
 never mix with real segments. Where padding could still matter (a softmax over a segment that
@@ -135,7 +135,7 @@ def safe_norm(x: Float[Array, "... 3"], axis: int = -1, eps: float = 1e-12
 def edge_vectors(positions: Float[Array, "nodes 3"], *, senders: Int[Array, " edges"],
                  receivers: Int[Array, " edges"], shift: Float[Array, "edges 3"] | None = None
                  ) -> Float[Array, "edges 3"]:
-    """``positions[senders] - positions[receivers] (+ shift)``: the DESIGN.md convention.
+    """``positions[senders] - positions[receivers] (+ shift)``: the convention of docs/design.md.
 
     Distances are never stored in graphs; compute them here so that forces flow through
     positions. ``shift`` is the periodic image shift of radius graphs (``edges["shift"]``).

@@ -1,7 +1,7 @@
 """Predictions of a trained run for users: ``ase.Atoms`` in, values in the target's unit out.
 
->>> predict = mpattn.load_predictor("runs/qm9_u0")   # the run's best checkpoint
->>> predict([atoms_a, atoms_b])                       # float64 [2], e.g. U0 in eV
+>>> predict = mpattn.load_run("runs/qm9_u0")   # a property run's best checkpoint
+>>> predict([atoms_a, atoms_b])                 # float64 [2], e.g. U0 in eV
 
 Command line: ``python -m mpattn.predict WORKDIR molecules.xyz [--out predictions.csv]
 [--which best|latest] [--batch-size N] [--no-progress]`` (every frame of an xyz/extxyz file;
@@ -11,7 +11,8 @@ Several runs of one target: ``mpattn.load_ensemble([wd_a, wd_b, wd_c])`` gives t
 prediction and, with ``.predict``, their spread (an uncertainty); on the command line, name
 several workdirs before the molecules file (the CSV gains a ``<target>_std`` column).
 
-Model, configs and target transform come from the checkpoint's metadata; predictions are
+Model, configs and target transform come from the checkpoint's metadata
+(:func:`mpattn.train.runs.load_run`); predictions are
 decoded in float64 with each molecule's element counts: the full target (e.g. U0 including
 the per-element reference), not the residual the model learned.
 
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Ensemble", "Predictor", "load_ensemble", "load_predictor", "main"]
+__all__ = ["Ensemble", "Predictor", "load_ensemble", "main"]
 
 
 def _level(x: int) -> int:
@@ -55,31 +56,32 @@ def _molecules(atoms_list, batch_size: int) -> list:
 
 
 class Predictor:
-    """A trained model ready to predict; build it with :func:`load_predictor`.
+    """A trained property model ready to predict; :func:`mpattn.load_run` builds it.
 
     Attributes:
         target: the target's name (e.g. ``"U0"``); unit: its unit (e.g. ``"eV"``).
-        config: the run's ``TrainConfig``; model_config: the model's typed config.
+        task: the run's :class:`~mpattn.train.property.PropertyTask`; config: its
+            ``TrainConfig``; model_config: the model's typed config.
         transform: the run's :class:`~mpattn.train.targets.TargetTransform`.
         options: the :class:`~mpattn.featurize.FeaturizeOptions` graphs are built with.
         step, epoch: the training step and epoch of the restored checkpoint.
         budgets_used: the padding budgets seen so far (one compilation each).
     """
 
-    def __init__(self, config, model_config, graphdef, params, rest, transform, *,
+    def __init__(self, task, config, model_config, graphdef, params, rest, transform, *,
                  step: int | None = None, epoch: int | None = None):
         import jax
         from flax import nnx
 
         from mpattn.data.qm9 import TARGETS
-        from mpattn.featurize import FeaturizeOptions
 
-        self.config, self.model_config, self.transform = config, model_config, transform
+        self.task, self.config, self.model_config = task, config, model_config
+        self.transform = transform
         self.graphdef, self.params, self.rest = graphdef, params, rest
         self.step, self.epoch = step, epoch
-        self.target = config.target
-        self.unit = TARGETS[config.target][0] if config.target in TARGETS else ""
-        self.options = FeaturizeOptions(edge_set=config.edge_set, cutoff=config.cutoff)
+        self.target = task.target
+        self.unit = TARGETS[task.target][0] if task.target in TARGETS else ""
+        self.options = task.options()
         self.elements = tuple(sorted(set(transform.elements)
                                      & {int(z) for z in self.options.element_z}))
         self.budgets_used: set = set()
@@ -87,7 +89,7 @@ class Predictor:
 
         @jax.jit
         def forward(params, rest, graph):
-            return nnx.merge(graphdef, params, rest)(graph)
+            return nnx.merge(graphdef, params, rest)(graph)["energy"]
 
         self._forward = forward
 
@@ -160,8 +162,8 @@ class Predictor:
         """Decoded predictions [len(gs)] of featurized molecules (from :meth:`_graphs`)."""
         from tqdm.auto import tqdm
 
+        from mpattn.elements import element_counts
         from mpattn.graph import Budget, pad_batch
-        from mpattn.train.targets import element_counts
 
         out = np.empty(len(gs), np.float64)
         for lo in tqdm(range(0, len(gs), batch_size), desc=f"predict {self.target}",
@@ -179,50 +181,24 @@ class Predictor:
 
 
 def load_predictor(workdir: str | Path, *, which: str = "best") -> Predictor:
-    """Rebuild a training run's model from its checkpoint (EMA weights when it kept them).
+    """:func:`mpattn.load_run` for a property run; ValueError naming the workdir if it is
+    another kind of run (a potential: use ``mpattn.load_run`` or ``mpattn.ase.Calculator``)."""
+    from mpattn.train.runs import load_run
 
-    Args:
-        workdir: the run's folder (the one holding ``checkpoints/``).
-        which: ``"best"`` (lowest validation MAE) or ``"latest"``.
-
-    Raises:
-        ValueError: ``which`` is invalid, or the workdir holds no (intact) checkpoint; the
-            message names the workdir.
-    """
-    from mpattn.train.checkpoint import Checkpointer, read_meta
-    from mpattn.train.loop import build_carry, run_settings
-    from mpattn.train.targets import TargetTransform
-
-    if which not in ("best", "latest"):
-        raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
-    workdir = Path(workdir)
-    try:
-        ckpt = Checkpointer(workdir / "checkpoints")
-        steps, best = ckpt.listing(which)
-        if not steps:
-            raise ValueError(f"{ckpt.directory} holds no checkpoint (is this a training "
-                             "run's workdir?)")
-        meta = read_meta(ckpt.directory, [best] if best is not None else steps[::-1])
-        config, model_config = run_settings(meta)
-        _, graphdef, _, template = build_carry(config, model_config, steps_per_epoch=1)
-        carry, meta = ckpt.restore(template, which=which)
-        transform = TargetTransform.from_dict(meta["transform"])
-    except (ValueError, KeyError, TypeError) as err:
-        what = f"missing metadata {err}" if isinstance(err, KeyError) else str(err)
-        raise ValueError(f"cannot load a predictor from {workdir}: {what}") from err
-    params = carry.get("ema", carry["params"])
-    return Predictor(config, model_config, graphdef, params, carry["rest"], transform,
-                     step=meta.get("checkpoint", {}).get("step"), epoch=meta.get("epoch"))
+    run = load_run(workdir, which=which)
+    if not isinstance(run, Predictor):
+        raise ValueError(f"{workdir} is a potential's run, not a property model's: load it "
+                         "with mpattn.load_run or mpattn.ase.Calculator")
+    return run
 
 
 class Ensemble:
     """Several trained runs of one target as one predictor: the mean of their predictions,
     and their spread as an uncertainty; build it with :func:`load_ensemble`.
 
-    On QM9 U0 (15,000 training molecules, 2026-11-24) the mean of three denoising runs'
-    predictions had a test MAE of 22.8 meV against 25.7-26.2 meV for the runs alone (README,
-    "Toward 25 meV on the CPU"). Molecules are featurized once per distinct featurization of
-    the members (most ensembles share one).
+    The mean of a few runs is more accurate than any of them (docs/results.md, "QM9 U0").
+    Molecules are featurized once per distinct featurization of the members (most ensembles
+    share one).
 
     Attributes:
         members: the :class:`Predictor` of each run; target, unit: theirs (all equal).

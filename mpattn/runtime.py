@@ -2,12 +2,11 @@
 
 XLA's CPU runtime allocates its buffers with ``malloc`` on every call of a compiled function,
 and glibc hands large blocks back to the kernel when they are freed; the next call faults the
-same amount of fresh memory in again, 4 KiB page by page. Measured on the 2-core CPU machine
-(2026-11-23): SchNet energy + forces on 12,288 periodic water atoms spent 85 of its 87 s in
-the kernel (16.2 million page faults); with transparent huge pages for malloc
+same amount of fresh memory in again, 4 KiB page by page: a large MD step can spend most of
+its time in the kernel's page faults. Transparent huge pages for malloc
 (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, glibc >= 2.35 with the kernel's THP in
-``madvise`` or ``always`` mode) 0.09 million faults and 950 -> 454 µs per atom and step; QM9
-training steps ran 1.2-1.6x faster (``benchmarks.models``, batch 16).
+``madvise`` or ``always`` mode) remove most of them; training steps run faster too
+(docs/results.md, "Speed").
 
 The tunable is read when a process starts, so :func:`restart_with_hugepages` re-executes the
 running command (same PID, same arguments) once with it set. The command-line entry points

@@ -45,3 +45,13 @@ def x64():
     jax.config.update("jax_enable_x64", True)
     yield
     jax.config.update("jax_enable_x64", prev)
+
+
+@pytest.fixture(scope="module")
+def cache_file(qm9_molset, tmp_path_factory):
+    """The 500-molecule QM9 slice as a dataset cache file (what --dataset-cache reads)."""
+    from mpattn.data.cache import save_molset
+
+    path = tmp_path_factory.mktemp("cache") / "qm9-slice.npz"
+    save_molset(qm9_molset, path)
+    return path

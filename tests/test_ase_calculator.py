@@ -20,21 +20,16 @@ from flax import nnx
 
 from mpattn.ase import Calculator
 from mpattn.data.frames import FrameSet, ethanol_xtb_path, read_frames
-from mpattn.featurize import radius_edges
 from mpattn.graph import Budget, pad_batch
 from mpattn.md import energy_drift, plot_energy, run_nve
-from mpattn.models.potential import (
-    AttentionPotential,
-    AttentionPotentialConfig,
-    Potential,
-    energy_and_forces,
-    fit_reference,
-)
-from mpattn.neighbors import BudgetPolicy, neighbor_graph
+from mpattn.models.attention import AttentionConfig, AttentionModel
+from mpattn.neighbors import BudgetPolicy, neighbor_graph, radius_edges
+from mpattn.potential import Potential, energy_and_forces, fit_reference
 
+# (softmax: the attention model's default weights when these tests were written)
 TINY = {"dim": 16, "num_heads": 2, "head_dim": 8, "steps": 1, "ff_dim": 32, "num_rbf": 8,
-        "cutoff": 4.0}
-CFG = AttentionPotentialConfig(**TINY)
+        "cutoff": 4.0, "attention_weights": "softmax"}
+CFG = AttentionConfig(**TINY)
 
 
 
@@ -48,7 +43,7 @@ def pot(frames) -> Potential:
     """An untrained tiny attention potential with a reference fitted on 20 xTB frames."""
     zs = [frames.z[frames.atom_index(i)] for i in range(len(frames))]
     ref = fit_reference(zs, frames.energy, ("H", "C", "O"), forces=frames.forces)
-    return Potential(AttentionPotential(CFG, rngs=nnx.Rngs(0)), reference=ref)
+    return Potential(AttentionModel(CFG, rngs=nnx.Rngs(0)), reference=ref)
 
 
 def brute_force_edges(pos, cutoff, cell=None):
@@ -84,7 +79,8 @@ def graph_triples(graph, cell=None):
 
 
 def hand_graph(atoms, cutoff, budget=(64, 1024, 3), dtype=np.float32) -> jraph.GraphsTuple:
-    """The same structure as test_potential builds it, padded by jraph to another budget."""
+    """The same structure as tests/potential_helpers.py builds it, padded by jraph to another
+    budget."""
     periodic = bool(atoms.pbc.any())
     cell = np.asarray(atoms.cell) if periodic else None
     s, r, shift = radius_edges(atoms.positions, cutoff, cell, atoms.pbc if periodic else None)
@@ -156,6 +152,57 @@ def test_periodic_radius_graph_equals_brute_force(name, kw, cutoff):
     # several images of the same pair when the cell is smaller than twice the cutoff
     pairs = [t[:2] for t in expected]
     assert max(pairs.count(p) for p in set(pairs)) > 1
+
+
+@pytest.mark.parametrize("cutoff", [1.2, 4.0])
+def test_radius_edges_in_receiver_order_are_vesins_full_list(cutoff):
+    """order="receivers" (the default): vesin's full neighbour list (its pair (i, j) is the
+    edge j -> i) sorted by (receiver, sender), zero float64 shifts for a molecule."""
+    from vesin import NeighborList
+
+    pos = molecule("CH3CH2OH").positions
+    s, r, shift = radius_edges(pos, cutoff, order="receivers")
+    i, j = NeighborList(cutoff=cutoff, full_list=True).compute(
+        points=pos, box=np.zeros((3, 3)), periodic=False, quantities="ij")
+    order = np.lexsort((j, i))
+    assert s.dtype == r.dtype == np.int32 and shift.dtype == np.float64
+    np.testing.assert_array_equal(r, i[order])
+    np.testing.assert_array_equal(s, j[order])
+    np.testing.assert_array_equal(shift, np.zeros((len(s), 3)))
+    for a, b in zip(radius_edges(pos, cutoff), (s, r, shift), strict=True):
+        np.testing.assert_array_equal(a, b)  # the default order
+    assert len(s) > 0 and np.all(np.diff(r) >= 0)
+
+
+def test_radius_edges_in_pair_order_list_both_directions_together():
+    """order="pairs": edges 2k and 2k+1 are one pair's two directions (swapped ends, opposite
+    image shifts) in a periodic cell smaller than twice the cutoff; the same edges as
+    order="receivers" and as brute force."""
+    atoms = bulk("Si", "diamond", a=5.43)  # 2 atoms, cell vectors 3.84 Å
+    atoms.rattle(0.05, seed=3)
+    cell, cutoff = np.asarray(atoms.cell), 4.0
+    s, r, shift = radius_edges(atoms.positions, cutoff, cell, atoms.pbc, order="pairs")
+    assert len(s) % 2 == 0 and shift.dtype == np.float64
+    np.testing.assert_array_equal(s[0::2], r[1::2])
+    np.testing.assert_array_equal(r[0::2], s[1::2])
+    np.testing.assert_array_equal(shift[0::2], -shift[1::2])
+    assert np.abs(shift).max() > 1.0  # edges to periodic images
+    d = np.linalg.norm(atoms.positions[s] - atoms.positions[r] + shift, axis=1)
+    assert np.all((d > 0) & (d < cutoff))
+    np.testing.assert_allclose(d[0::2], d[1::2], rtol=1e-12)
+
+    def triples(s, r, shift):
+        images = np.rint(shift @ np.linalg.inv(cell)).astype(int)
+        np.testing.assert_allclose(images @ cell, shift, atol=1e-9)
+        return sorted((int(a), int(b), *n) for a, b, n in zip(s, r, images, strict=True))
+
+    expected = brute_force_edges(atoms.positions, cutoff, cell)
+    assert triples(s, r, shift) == expected
+    assert triples(*radius_edges(atoms.positions, cutoff, cell, atoms.pbc)) == expected
+    pairs = [t[:2] for t in expected]
+    assert max(pairs.count(p) for p in set(pairs)) > 1  # several images of one pair
+    with pytest.raises(ValueError, match="order must be 'receivers' or 'pairs', got 'sender'"):
+        radius_edges(atoms.positions, cutoff, order="sender")
 
 
 def _edge_rows(g):
@@ -276,7 +323,7 @@ def test_budget_grows_once_for_a_bigger_structure(pot, caplog):
 
 
 def test_periodic_forces_are_minus_finite_difference_gradient(x64):
-    pot = Potential(AttentionPotential(CFG, rngs=nnx.Rngs(1)), elements=("Si",))
+    pot = Potential(AttentionModel(CFG, rngs=nnx.Rngs(1)), elements=("Si",))
     calc = Calculator.from_potential(pot, dtype="float64")
     atoms = bulk("Si", "diamond", a=5.43)  # cell vectors 3.84 Å < 2 * cutoff
     atoms.rattle(0.1, seed=0)
@@ -301,25 +348,27 @@ def test_periodic_forces_are_minus_finite_difference_gradient(x64):
 
 
 def test_calculator_from_a_training_workdir(frames, tmp_path):
+    import mpattn
     from mpattn.models import default_config
-    from mpattn.train.potential import (
-        PotentialConfig,
-        PotentialTrainer,
-        load_potential,
-        prepare_frames,
-    )
+    from mpattn.predict import load_predictor
+    from mpattn.train import EnergyForceTask, TrainConfig, Trainer
 
-    config = PotentialConfig(epochs=1, batch_size=4, cutoff=TINY["cutoff"])
+    config = TrainConfig(model="attention", epochs=1, batch_size=4)
+    task = EnergyForceTask(cutoff=TINY["cutoff"])
     split = (np.arange(8), np.arange(8, 10), np.arange(10, 12))
-    trainer = PotentialTrainer(config, prepare_frames(frames, split, config), tmp_path,
-                               model_config=default_config("attention_potential", **TINY),
-                               log=lambda *_: None)
+    trainer = Trainer(config, task, task.prepare(frames, split, config), tmp_path,
+                      model_config=default_config("attention", **TINY), log=lambda *_: None)
     trainer.save(1.0)  # an untrained checkpoint is enough for the loading path
     calc = Calculator(tmp_path)
     assert (calc.cutoff, calc.elements) == (4.0, (1, 6, 8))
+    assert calc.potential.model.config == CFG
     atoms = frames.atoms(11)
     atoms.calc = calc
-    e_ref, f_ref = by_hand(load_potential(tmp_path), atoms)
+    loaded = mpattn.load_run(tmp_path)
+    assert isinstance(loaded, Potential)
+    with pytest.raises(ValueError, match="is a potential's run, not a property model's"):
+        load_predictor(tmp_path)  # property runs only
+    e_ref, f_ref = by_hand(loaded, atoms)
     np.testing.assert_allclose(atoms.get_potential_energy(), e_ref, rtol=1e-6)
     np.testing.assert_allclose(atoms.get_forces(), f_ref, rtol=1e-4, atol=1e-5)
     for workdir in (tmp_path / "missing", str(tmp_path / "missing")):
@@ -335,9 +384,8 @@ def test_calculator_from_a_training_workdir(frames, tmp_path):
 def test_calculator_builds_graphs_as_wide_as_the_coulomb_cutoff(pot):
     """A model whose Coulomb term reaches past its attention gets neighbour lists of the
     Coulomb cutoff (pairs beyond the list would make its energy jump as they leave it)."""
-    config = AttentionPotentialConfig(**{**TINY, "cutoff": 3.0}, electrostatics=True,
-                                      coulomb_cutoff=6.0)
-    wide = Potential(AttentionPotential(config, rngs=nnx.Rngs(0)), reference=pot.reference)
+    config = AttentionConfig(**{**TINY, "cutoff": 3.0}, electrostatics=True, coulomb_cutoff=6.0)
+    wide = Potential(AttentionModel(config, rngs=nnx.Rngs(0)), reference=pot.reference)
     assert Calculator.from_potential(wide).cutoff == 6.0
     assert Calculator.from_potential(pot).cutoff == TINY["cutoff"]
 

@@ -1,6 +1,7 @@
 """benchmarks.compare_runs: reading run folders, matched-epoch table, errors, figure."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +100,34 @@ def test_finished_runs_of_one_split_are_ensembled(tmp_path):
     assert "ensemble of a, b (mean prediction): val 5.00, test 5.00" in text
     assert "not in the ensemble (another split): c" in text
     assert compare([read_run(a), read_run(going)], [1])["ensemble"] is None
+
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+def test_old_run_folders_are_read_as_they_were_written():
+    """Folders written before the one-engine refactor (benchmarks/results): a finished QM9 run
+    (model "attention_potential", config["target"]), one still training when copied (no
+    results.json, no checkpoints), a potential's run whose metrics.csv has no
+    train_loss_low5; the finished runs of the cpu preset's split (the seed-1 run shares it)
+    are ensembled."""
+    done = read_run(RESULTS / "qm9_u0-cpu2-2026-11-24-vec64-silu-dn0.02-150epochs")
+    assert (done.metric, done.unit, done.planned, done.params) == ("val_mae", "meV", 150,
+                                                                   252813)
+    assert done.test == pytest.approx(25.729, abs=1e-3) and done.rows[-1]["epoch"] == 150
+    assert "train_loss_low5" in done.rows[0]
+    going = read_run(RESULTS / "qm9_u0-cpu2-2026-11-23-vec128-150epochs-in-progress")
+    assert going.planned is None and going.test is None and going.rows[-1]["epoch"] == 33
+    pot = read_run(RESULTS / "ethanol_potential-cpu2-2026-11-23-default")
+    assert pot.metric == "val_force_mae_mev_ang" and pot.unit == "meV/Å"
+    assert pot.planned == 666 and pot.test == pytest.approx(8.756, abs=1e-3)
+    assert "train_loss_low5" not in pot.rows[0] and len(pot.rows) == 480
+    silu = read_run(RESULTS / "qm9_u0-cpu2-2026-11-24-vec64-silu-150epochs")
+    seed1 = read_run(RESULTS / "qm9_u0-cpu2-2026-11-24-vec64-silu-dn0.02-seed1-150epochs")
+    s = compare([done, going, silu, seed1], [10, 50])
+    assert s["runs"][1]["val_at"] == {"10": going.at(10), "50": None}
+    ens = s["ensemble"]
+    assert ens["members"] == [done.label, silu.label, seed1.label] and ens["left_out"] == []
+    assert ens["test"]["mae_mev"] < min(done.test, silu.test, seed1.test)  # the mean: lower
+    text = table(s)
+    assert "150/150" in text and "33/-" in text and "ensemble of" in text

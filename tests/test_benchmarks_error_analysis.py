@@ -2,6 +2,7 @@
 and its errors for runs of another split or without predictions."""
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,15 +114,19 @@ def test_a_run_still_training_is_read_from_its_best_checkpoint(qm9_molset, tmp_p
     """Without predictions.csv (a run still training) the best checkpoint predicts the split's
     part: the same values the finished run wrote, matched to the dataset's truth."""
     from benchmarks.error_analysis import _read
-    from mpattn.train.experiment import run_qm9
-    from mpattn.train.loop import TrainConfig
+    from experiments.qm9_u0 import run as run_qm9
+    from mpattn.models import default_config
+    from mpattn.train import PropertyTask, TrainConfig
 
     cache = tmp_path / "slice.npz"
     save_molset(qm9_molset, cache)
     run = tmp_path / "run"
-    run_qm9(TrainConfig(model="schnet", epochs=2, batch_size=32, seed=1), workdir=run,
+    # the step schedule and no EMA: the TrainConfig defaults this run was written with
+    run_qm9(TrainConfig(model="schnet", epochs=2, batch_size=32, seed=1, schedule="step",
+                        ema_decay=None), PropertyTask(), workdir=run,
             sizes=(300, 60, 100), dataset_cache=cache, progress=False, log=lambda *_: None,
-            model_overrides={"interactions": 2, "dim": 32, "num_filters": 32, "num_rbf": 16})
+            model_config=default_config("schnet", interactions=2, dim=32, num_filters=32,
+                                        num_rbf=16))
     finished, source = _read(run, "test")
     assert source == "predictions.csv"
     (run / "predictions.csv").rename(tmp_path / "kept.csv")
@@ -141,3 +146,25 @@ def test_a_run_still_training_is_read_from_its_best_checkpoint(qm9_molset, tmp_p
     (run / "split.json").unlink()
     assert main([str(run), "--dataset-cache", str(cache), "--no-save"]) == 2
     assert "neither predictions.csv nor split.json" in capsys.readouterr().err
+
+
+#: a finished run written before the one-engine refactor (model "attention_potential", the
+#: target under config["target"], no results["task"])
+OLD_RUN = (Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+           / "qm9_u0-cpu2-2026-11-24-vec64-silu-dn0.02-150epochs")
+
+
+def test_an_old_finished_run_is_read_from_its_predictions():
+    import json
+
+    from benchmarks.error_analysis import _read
+
+    results = json.loads((OLD_RUN / "results.json").read_text())
+    assert results["config"]["model"] == "attention_potential" and "task" not in results
+    preds, source = _read(OLD_RUN, "test")
+    assert source == "predictions.csv"
+    assert len(preds["id"]) == results["split_sizes"][2] == 5000
+    mae = 1000 * np.mean(np.abs(preds["pred"] - preds["true"]))
+    np.testing.assert_allclose(mae, results["test"]["mae_mev"], rtol=1e-4)
+    val, _ = _read(OLD_RUN, "val")
+    assert len(val["id"]) == 1000

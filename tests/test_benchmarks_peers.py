@@ -100,12 +100,12 @@ def test_main_rejects_bad_steps_per_call(args, message, capsys):
 
 
 def test_format_accuracy_row_fields():
-    row = {"model": "attention_potential (cpu preset)", "framework": "ours", "epochs": 3.5,
+    row = {"model": "attention (cpu preset)", "framework": "ours", "epochs": 3.5,
            "planned_epochs": 6,
            "mol_per_s": 151.26, "seconds": 599.6, "val_mae_mev": 40.04, "test_mae_mev": 41.96}
     line = format_accuracy_row(row)
     assert line.split()[3:] == ["ours", "3.5/6", "151.3", "600", "40.0", "42.0"]
-    assert line.startswith("attention_potential (cpu preset) ours")
+    assert line.startswith(f"{'attention (cpu preset)':32s} ours")
     assert len(line) == len(ACCURACY_HEADER)
 
 
@@ -266,7 +266,7 @@ def test_pyg_peer_computes_our_model_given_our_weights(name, qm9_graphset):
         pos = graph.nodes["positions"]
         d = np.linalg.norm(pos[graph.senders[:e]] - pos[graph.receivers[:e]], axis=-1)
         assert 0 < (d >= config.cutoff).sum() < e
-    want = np.asarray(jax.jit(ours)(graph))[:5]
+    want = np.asarray(jax.jit(ours)(graph)["energy"])[:5]
     with torch.no_grad():
         got = peer(pyg_batch(pyg_arrays(graph))).numpy()
     assert got.shape == (5,)
@@ -421,10 +421,10 @@ def test_measure_pair_runs_ours_k_steps_per_call_against_pyg(qm9_graphset):
 @pytest.fixture(scope="module")
 def tiny_prepared(qm9_molset):
     from mpattn.data.qm9 import make_split
-    from mpattn.train.loop import TrainConfig, prepare
+    from mpattn.train import PropertyTask, TrainConfig
 
     split = make_split(qm9_molset.ids, sizes=(40, 16, 16), seed=0)
-    return prepare(qm9_molset, split, TrainConfig(model="mpnn"))
+    return PropertyTask().prepare(qm9_molset, split, TrainConfig(model="mpnn"))
 
 
 def test_train_pyg_keeps_the_best_validation_weights(tiny_prepared):
@@ -450,6 +450,74 @@ def test_train_pyg_stops_after_the_batch_that_ends_past_the_budget(tiny_prepared
     assert out["steps"] == 1
     np.testing.assert_allclose(out["epochs"], 1 / 3, rtol=1e-12)
     assert len(out["val_history"]) == 1  # validated once, after stopping
+
+
+def test_accuracy_rows_train_ours_and_the_peer_on_the_same_split_and_data(
+        qm9_molset, tmp_path, monkeypatch, capsys):
+    """The equal-time comparison without training: each of our runs gets the comparison's
+    settings, U0 with the reference and the model's default config; the PyG peer the very
+    data of ``PropertyTask().prepare`` on the split file every run reads; the preset row the
+    cpu preset's settings, task and model (attention, silu weights), its epochs not planned."""
+    import dataclasses
+    import json
+
+    import experiments.qm9_u0
+    from benchmarks import peers
+    from experiments.configs.qm9 import PRESETS
+    from mpattn.models import default_config
+    from mpattn.train import PropertyTask, TrainConfig
+
+    runs, peer_runs = [], []
+
+    def fake_run(config, task=None, **kw):
+        runs.append((config, task, kw))
+        return {"epochs": config.epochs, "train_mol_per_s": 100.0, "train_seconds": 60.0,
+                "val": {"mae_mev": 50.0}, "test": {"mae_mev": 51.0}, "params": 1000}
+
+    def fake_train_pyg(name, prepared, **kw):
+        peer_runs.append((name, prepared, kw))
+        return {"epochs": 2.0, "steps": 20, "mol_per_s": 90.0, "seconds": 60.0,
+                "val_mae_mev": 60.0, "test_mae_mev": 61.0, "val_history": [60.0],
+                "params": 1001}
+
+    monkeypatch.setattr(experiments.qm9_u0, "run", fake_run)
+    monkeypatch.setattr(peers, "train_pyg", fake_train_pyg)
+    monkeypatch.setattr(peers, "qm9_molecules", lambda cache: qm9_molset)
+    monkeypatch.setattr(peers, "SIZES", (400, 50, 50))  # F in every part
+    speed = {("mpnn", "ours"): 10.0, ("mpnn", "pyg"): 5.0, ("schnet", "ours"): 20.0,
+             ("schnet", "pyg"): 15.0}
+    rows = peers.accuracy_rows(["mpnn", "schnet"], speed, minutes=2.0, batch_size=16,
+                               workdir=tmp_path, progress=False, dataset_cache="qm9.npz")
+    assert [(r["model"], r["framework"]) for r in rows] == [
+        ("mpnn", "ours"), ("mpnn", "pyg"), ("schnet", "ours"), ("schnet", "pyg"),
+        ("attention (cpu preset)", "ours")]
+    split = json.loads((tmp_path / "split.json").read_text())
+    for (config, task, kw), name in zip(runs, ("mpnn", "schnet"), strict=False):
+        plan = peers.planned_epochs(2.0, speed[name, "ours"], 400)
+        assert config == TrainConfig(model=name, loss="l1", schedule="cosine", batch_size=16,
+                                     ema_decay=None, time_budget_min=2.0, epochs=plan)
+        assert task == PropertyTask()
+        assert kw["model_config"] == default_config(name) and kw.get("preset") is None
+        assert kw["workdir"] == tmp_path / name and kw["split_file"] == tmp_path / "split.json"
+        assert kw["dataset_cache"] == "qm9.npz"
+    (name, prepared, kw), _ = peer_runs
+    assert name == "mpnn" and peer_runs[1][1] is prepared  # one preparation for every peer
+    assert kw["epochs"] == peers.planned_epochs(2.0, 5.0, 400) and kw["batch_size"] == 16
+    assert (kw["lr"], kw["clip_norm"], kw["seed"]) == (1e-3, 10.0, 0)
+    assert sorted(prepared.train.ids) == sorted(split["train"])
+    assert sorted(prepared.test.ids) == sorted(split["test"])
+    np.testing.assert_allclose(  # U0 with the per-element reference, standardised
+        prepared.transform.decode(np.asarray(prepared.val.graphs.globals["y"], np.float64),
+                                  prepared.val.counts), prepared.val.true, atol=1e-4)
+    config, task, kw = runs[2]
+    p = PRESETS["cpu"]
+    assert config == dataclasses.replace(p.train, model="attention", time_budget_min=2.0)
+    assert config.epochs == 24 and rows[-1]["planned_epochs"] == 24
+    assert task == PropertyTask() and kw["preset"] == "cpu"
+    assert kw["model_config"] == default_config("attention")
+    assert kw["model_config"].attention_weights == "silu"
+    assert kw["workdir"] == tmp_path / "attention-cpu-preset"
+    assert "attention (cpu preset)" in capsys.readouterr().out
 
 
 def test_plot_accuracy_writes_a_png(tmp_path):

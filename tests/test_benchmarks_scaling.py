@@ -94,7 +94,7 @@ def test_water_box_too_dense_grid_raises():
 
 def test_measure_row_on_tiny_system():
     tiny = {"dim": 8, "num_heads": 2, "head_dim": 4, "steps": 1, "ff_dim": 8, "num_rbf": 4}
-    row = measure("attention_potential", 48, cutoff=3.0, repeats=2, overrides=tiny)
+    row = measure("attention", 48, cutoff=3.0, repeats=2, overrides=tiny)
     assert set(row) == {"model", "atoms", "box_A", "edges", "mean_neighbors", "budget_nodes",
                         "budget_edges", "edge_array_bytes", "neighbor_list_ms", "compile_s",
                         "step_ms", "step_ms_all", "us_per_atom_step", "peak_rss_mb"}
@@ -120,3 +120,63 @@ def test_worker_prints_one_json_row(capsys):
     assert main(["--one", "schnet", "48", "--cutoff", "3.0", "--repeats", "1"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["model"] == "schnet" and row["atoms"] == 48 and row["step_ms"] > 0
+
+
+TINY = {"dim": 8, "num_heads": 2, "head_dim": 4, "steps": 1, "ff_dim": 8, "num_rbf": 4}
+
+
+def test_worker_measures_the_model_config_it_is_given(capsys):
+    """--model-config reaches the isolated worker's model (softmax weights: what the rows of
+    attention_potential measured before the one-engine refactor)."""
+    import json
+
+    from benchmarks.scaling import build_potential, main
+
+    config = json.dumps(TINY | {"attention_weights": "softmax"})
+    assert main(["--one", "attention", "48", "--cutoff", "3.0", "--repeats", "1",
+                 "--model-config", config]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["model"] == "attention" and row["atoms"] == 48 and row["step_ms"] > 0
+    model = build_potential("attention", 3.0, TINY | {"attention_weights": "softmax"}).model
+    assert (model.config.attention_weights, model.config.dim, model.config.cutoff) == (
+        "softmax", 8, 3.0)  # --cutoff wins over a config's cutoff
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ('{"dim": ', "--model-config '{\"dim\": ': not JSON"),
+    ('[1]', "--model-config '[1]': not a JSON object"),
+    ('{"attention_weights": "softmax"}', "schnet: unknown config field(s) "
+                                         "['attention_weights']"),
+])
+def test_main_rejects_a_bad_model_config(config, message, capsys):
+    from benchmarks.scaling import main
+
+    with pytest.raises(SystemExit) as exit_info:  # before any model is built
+        main(["--models", "attention", "schnet", "--model-config", config, "--no-save"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_isolated_sizes_pass_the_model_config_to_each_worker(monkeypatch):
+    import json
+    import subprocess
+
+    from benchmarks import scaling
+
+    commands = []
+
+    def fake_run(cmd, **kwargs):
+        commands.append(cmd)
+        row = {"atoms": int(cmd[cmd.index("--one") + 2]), "step_ms": 1.0, "peak_rss_mb": 1.0}
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(row) + "\n", stderr="")
+
+    monkeypatch.setattr(scaling.subprocess, "run", fake_run)
+    monkeypatch.setattr(scaling, "format_row", lambda row: "")
+    overrides = {"attention_weights": "softmax"}
+    rows, why = scaling.run_model("attention", [96, 48], cutoff=3.0, repeats=1,
+                                  overrides=overrides, isolate=True, log=lambda _s: None)
+    assert why is None and [r["atoms"] for r in rows] == [48, 96]
+    for cmd in commands:
+        assert json.loads(cmd[cmd.index("--model-config") + 1]) == overrides
+    scaling.run_model("schnet", [48], cutoff=3.0, repeats=1, isolate=True, log=lambda _s: None)
+    assert "--model-config" not in commands[-1]  # the default config: no option

@@ -234,3 +234,58 @@ def test_main_rejects_bad_steps_per_call(args, message, capsys):
         main(["--no-save", *args])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().endswith(message)
+
+
+# ------------------------------------------------------------- --model-config
+
+
+def test_measure_builds_and_records_the_model_config(qm9_graphset):
+    gs = qm9_graphset.subset(np.arange(32))
+    tiny = {"interactions": 2, "dim": 32, "num_filters": 32, "num_rbf": 16}
+    small = measure("schnet", gs, 8, 2, model_config=tiny)
+    default = measure("schnet", gs, 8, 2)
+    assert small["model_config"] == tiny and default["model_config"] == {}
+    assert small["params"] < default["params"]  # the overrides built another model
+    assert small["molecules"] == default["molecules"] == 16
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ('{"dim": ', "--model-config '{\"dim\": ': not JSON"),
+    ('"softmax"', "--model-config '\"softmax\"': not a JSON object"),
+    ('{"attention_weights": "softmax"}', "mpnn: unknown config field(s) ['attention_weights']"),
+    ('{"attention_weights": "sigmoid"}', "attention_weights must be 'softmax' or 'silu', got "
+                                         "'sigmoid'"),
+])
+def test_main_rejects_a_bad_model_config(config, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # before any QM9 loading
+        main(["--models", "attention", "mpnn", "--model-config", config, "--no-save"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_main_times_a_non_default_configuration_and_saves_it(qm9_molset, tmp_path,
+                                                              monkeypatch, capsys):
+    """--models attention --model-config '{"attention_weights": "softmax", ...}': the rows
+    and the saved JSON record the overrides (the softmax model the rows of
+    attention_potential timed before the one-engine refactor)."""
+    import json
+
+    import benchmarks.speed as speed
+    from mpattn.data.cache import save_molset
+
+    cache = tmp_path / "qm9-test.npz"
+    save_molset(qm9_molset, cache)
+    saved = {}
+    monkeypatch.setattr(speed, "write_result", lambda name, payload: saved.update(
+        {name: payload}) or tmp_path / f"{name}.json")
+    overrides = {"attention_weights": "softmax", "dim": 16, "num_heads": 2, "head_dim": 8,
+                 "steps": 1, "ff_dim": 16, "num_rbf": 8}
+    assert main(["--models", "attention", "--batch-sizes", "8", "--batches", "1",
+                 "--molecules", "20", "--dataset-cache", str(cache),
+                 "--model-config", json.dumps(overrides)]) == 0
+    out = capsys.readouterr().out
+    assert f"model config: {json.dumps(overrides)}" in out
+    payload = saved["speed"]
+    assert payload["model_config"] == overrides
+    (row,) = payload["rows"]
+    assert row["model"] == "attention" and row["model_config"] == overrides

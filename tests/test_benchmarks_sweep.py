@@ -175,6 +175,80 @@ def test_every_variant_builds_a_valid_model_config():
     from mpattn.models import default_config
 
     for name, variant in sweep.VARIANTS.items():
-        config = default_config("attention_potential", **variant.model_config)
+        config = default_config("attention", **variant.model_config)
         for key, value in variant.model_config.items():
             assert getattr(config, key) == value, name
+
+
+#: the attention weights each variant was measured with (before the one-engine refactor the
+#: class default was softmax and the cpu preset set silu; now the class default is silu)
+WEIGHTS = {"vec64": "softmax", "vec128": "softmax", "vec64-wd": "softmax",
+           "vec64-b32": "softmax", "vec64-4blocks": "softmax", "vec64-cut6": "softmax",
+           "vec64-ema4": "softmax", "vec64-sum": "softmax", "vec64-silu": "silu",
+           "vec128-silu": "silu", "vec64-silu-dn": "silu", "vec128-silu-dn": "silu",
+           "vec64-silu-dn-cut10": "silu", "vec64-silu-dn-cut10-es": "silu",
+           "vec64-silu-dn-cut10-es-dip": "silu", "vec64-silu-dn-es30-dip": "silu",
+           "vec64-silu-dn-es30-dip0.1": "silu"}
+
+
+def test_every_variant_names_its_attention_weights():
+    """The model's defaults moved under the variants (class default softmax -> silu, the cpu
+    preset's silu gone): each states its weights, so that it trains the model it did."""
+    assert set(WEIGHTS) == set(sweep.VARIANTS)
+    for name, variant in sweep.VARIANTS.items():
+        assert variant.model_config["attention_weights"] == WEIGHTS[name], name
+        assert variant.model_config["vector_features"] is True, name
+
+
+def test_the_runs_command_line_builds_each_variants_model_and_task():
+    """experiments.qm9_u0 reads a variant's command line into the model config the variant
+    names on top of the class defaults (the cpu preset adds nothing to the attention model),
+    the cpu preset's training settings with the sweep's and the variant's options, and the
+    auxiliary terms of its options."""
+    import dataclasses
+
+    from experiments import qm9_u0
+    from experiments.configs.qm9 import PRESETS
+    from mpattn.models import default_config
+    from mpattn.train import Denoising, Dipole
+
+    for name, variant in sweep.VARIANTS.items():
+        cmd = sweep.command(name, _args("--variants", name, "--steps-per-call", "1"), Path("w"))
+        config, task, model_config, sizes, plan = qm9_u0.settings(qm9_u0.parse(cmd[3:]),
+                                                                  say=lambda *_: None)
+        want = default_config("attention", **variant.model_config)
+        options = dict(zip(variant.options[::2], variant.options[1::2], strict=True))
+        if "--denoise-sigma" in options:  # the run switches the denoising head on
+            want = dataclasses.replace(want, denoise=True)
+        assert task.model_config(model_config) == want, name
+        assert model_config.attention_weights == WEIGHTS[name], name
+        assert config.model == "attention" and sizes == PRESETS["cpu"].sizes and plan, name
+        assert config.batch_size == int(options.get("--batch-size", 64)), name
+        assert config.weight_decay == float(options.get("--weight-decay", 0.0)), name
+        assert config.ema_decay == float(options.get("--ema-decay", 0.999)), name
+        assert (config.loss, config.lr, config.schedule) == ("l1", 1e-3, "cosine"), name
+        aux = ()
+        if "--denoise-sigma" in options:
+            aux += (Denoising(float(options["--denoise-sigma"]), 0.1),)
+        if "--dipole-weight" in options:
+            aux += (Dipole(float(options["--dipole-weight"])),)
+        assert task.aux == aux, name
+        assert (task.target, task.reference) == ("U0", True), name
+
+
+def test_summarise_reads_runs_written_before_the_one_engine_refactor():
+    """Sweep runs kept in benchmarks/results from before the refactor (model
+    "attention_potential", old results.json): their rows and their ensemble."""
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    workdirs = {"vec64-silu": results / "qm9_u0-cpu2-2026-11-24-vec64-silu-150epochs",
+                "vec64-silu-dn": results / "qm9_u0-cpu2-2026-11-24-vec64-silu-dn0.02-150epochs"}
+    summary = sweep.summarise(list(workdirs), workdirs, {"vec64-silu": 0, "vec64-silu-dn": 0})
+    silu, dn = summary["runs"]
+    assert (silu["params"], silu["epochs"], silu["planned_epochs"], silu["batch_size"]) == (
+        252749, 150, 150, 16)
+    assert silu["test_mae_mev"] == pytest.approx(29.509, abs=1e-3)
+    assert dn["test_mae_mev"] == pytest.approx(25.729, abs=1e-3)
+    ens = summary["ensemble"]
+    assert ens["members"] == ["vec64-silu", "vec64-silu-dn"]
+    assert ens["test"]["mae_mev"] < dn["test_mae_mev"]
+    assert "| vec64-silu-dn | 252,813 | 150 (150) |" in sweep.table(summary)

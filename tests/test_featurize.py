@@ -16,8 +16,8 @@ from mpattn.featurize import (
     from_atoms,
     from_rdkit,
     perceive,
-    radius_edges,
 )
+from mpattn.neighbors import radius_edges
 
 
 def _bond_dict(g):

@@ -14,37 +14,38 @@ import pytest
 from ase import Atoms
 
 from mpattn.data.cache import save_molset
+from mpattn.models import default_config
 from mpattn.predict import Ensemble, Predictor, load_ensemble, load_predictor, main
-from mpattn.train.loop import TrainConfig
+from mpattn.train import PropertyTask, TrainConfig
 
 TINY = {"interactions": 2, "dim": 32, "num_filters": 32, "num_rbf": 16, "cutoff": 5.0}
 SIZES = (300, 60, 100)  # seed 1 puts the slice's only F molecule in train
+# the QM9 trainer's settings when these tests were written (no EMA then)
 CONFIG = TrainConfig(model="schnet", epochs=2, batch_size=32, lr=1e-3, schedule="cosine",
-                     seed=1)
+                     seed=1, ema_decay=None)
+TASK = PropertyTask(target="U0")
 
 
 @pytest.fixture(scope="module")
 def workdir(qm9_molset, tmp_path_factory) -> Path:
     """A tiny SchNet run (2 epochs) written by the experiment driver."""
-    from mpattn.train.experiment import run_qm9
+    from experiments.qm9_u0 import run
 
     root = tmp_path_factory.mktemp("predict")
     save_molset(qm9_molset, root / "qm9-slice.npz")
-    run_qm9(CONFIG, workdir=root / "run", sizes=SIZES, dataset_cache=root / "qm9-slice.npz",
-            model_overrides=TINY, progress=False, log=lambda *_: None)
+    run(CONFIG, TASK, workdir=root / "run", sizes=SIZES, dataset_cache=root / "qm9-slice.npz",
+        model_config=default_config("schnet", **TINY), progress=False, log=lambda *_: None)
     return root / "run"
 
 
 @pytest.fixture(scope="module")
 def second_workdir(workdir) -> Path:
     """Another tiny SchNet run (seed 2: other initial weights and split) for ensembles."""
-    import dataclasses
+    from experiments.qm9_u0 import run
 
-    from mpattn.train.experiment import run_qm9
-
-    run_qm9(dataclasses.replace(CONFIG, seed=2), workdir=workdir.parent / "run2", sizes=SIZES,
-            dataset_cache=workdir.parent / "qm9-slice.npz", model_overrides=TINY,
-            progress=False, log=lambda *_: None)
+    run(CONFIG.replace(seed=2), TASK, workdir=workdir.parent / "run2", sizes=SIZES,
+        dataset_cache=workdir.parent / "qm9-slice.npz",
+        model_config=default_config("schnet", **TINY), progress=False, log=lambda *_: None)
     return workdir.parent / "run2"
 
 
@@ -67,22 +68,21 @@ def test_predictor_agrees_with_the_eval_step(qm9_molset, workdir, predictor, tes
     that the predictor perceives from geometry (training used the SMILES template) cannot
     make them differ; padding budgets and batch composition differ and must not matter."""
     from mpattn.data.qm9 import load_split
-    from mpattn.models import default_config
-    from mpattn.train.loop import Trainer, prepare
+    from mpattn.train import Trainer
 
     split = load_split(workdir / "split.json")
-    data = prepare(qm9_molset, split, CONFIG)
-    trainer = Trainer(CONFIG, data, workdir, model_config=default_config("schnet", **TINY),
-                      log=lambda *_: None)
+    data = TASK.prepare(qm9_molset, split, CONFIG)
+    trainer = Trainer(CONFIG, TASK, data, workdir,
+                      model_config=default_config("schnet", **TINY), log=lambda *_: None)
     trainer.restore("best")
-    expected = trainer.predict(data.test)
+    expected = trainer.report(data.test)["_pred"]  # decoded: U0 in eV
     ms, atoms = test_split
     got = predictor(atoms)
     assert got.dtype == np.float64 and got.shape == (len(ms),)
     assert np.all(np.abs(got) > 1e3)  # the full U0 in eV, reference included
     np.testing.assert_allclose(got, expected, rtol=1e-7, atol=1e-3)
     assert (predictor.target, predictor.unit) == ("U0", "eV")
-    assert predictor.config == CONFIG
+    assert predictor.config == CONFIG and predictor.task == TASK
     assert predictor.model_config == default_config("schnet", **TINY)
     assert predictor.step == trainer.checkpoints.best_step()
     # the model is a real fit: far better than the per-element reference alone
@@ -123,25 +123,31 @@ def test_unknown_element_is_named(predictor, test_split):
 
 
 def test_workdir_without_checkpoints(tmp_path, workdir):
-    with pytest.raises(ValueError, match=rf"cannot load a predictor from {tmp_path}: "
-                                         rf"{tmp_path / 'checkpoints'} holds no checkpoint"):
+    with pytest.raises(ValueError, match=rf"cannot load a run from {tmp_path}: "
+                                         rf"{tmp_path / 'checkpoints'}: missing checkpoints"):
         load_predictor(tmp_path)
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'nowhere'}: no such workdir"):
+        load_predictor(tmp_path / "nowhere")
     damaged = tmp_path / "damaged"
     shutil.copytree(workdir, damaged)
     for f in (damaged / "checkpoints").rglob("state/*"):  # the arrays, metadata intact
         if f.is_file():
             f.write_bytes(b"garbage")
-    with pytest.raises(ValueError, match=rf"cannot load a predictor from {damaged}: .*"
+    with pytest.raises(ValueError, match=rf"cannot load a run from {damaged}: .*"
                                          "damaged checkpoint, nothing restored"):
         load_predictor(damaged, which="latest")
     for f in (damaged / "checkpoints").rglob("*"):  # everything, orbax's own files included
         if f.is_file():
             f.write_bytes(b"garbage")
-    with pytest.raises(ValueError, match=rf"cannot load a predictor from {damaged}: "
+    with pytest.raises(ValueError, match=rf"cannot load a run from {damaged}: "
                                          rf"{damaged / 'checkpoints'} is damaged"):
         load_predictor(damaged)
     with pytest.raises(ValueError, match="which must be 'best' or 'latest', got 'first'"):
         load_predictor(workdir, which="first")
+    from mpattn.ase import Calculator
+
+    with pytest.raises(ValueError, match="is a property model's run, not a potential's"):
+        Calculator(workdir)
 
 
 def test_command_line(workdir, predictor, test_split, tmp_path, capsys):
@@ -174,20 +180,32 @@ def test_command_line(workdir, predictor, test_split, tmp_path, capsys):
     assert main([str(workdir), str(bad)]) == 2
     assert f"error: cannot read molecules from {bad}" in capsys.readouterr().err
     assert main([str(tmp_path / "nowhere"), str(xyz)]) == 2
-    assert f"cannot load a predictor from {tmp_path / 'nowhere'}" in capsys.readouterr().err
+    assert f"error: {tmp_path / 'nowhere'}: no such workdir" in capsys.readouterr().err
 
 
-def test_load_predictor_is_lazy_on_the_package():
+def test_load_run_is_lazy_on_the_package(workdir, predictor):
+    """``mpattn.load_run`` (which replaced ``mpattn.load_predictor`` on the package) and
+    ``mpattn.load_ensemble`` import JAX only when used; for a property run load_run gives
+    the predictor load_predictor gives."""
     import subprocess
     import sys
 
+    import jax
+
+    import mpattn
+
     code = ("import sys, mpattn; assert 'jax' not in sys.modules, 'jax imported eagerly'; "
-            "from mpattn.predict import load_ensemble, load_predictor; "
-            "assert mpattn.load_predictor is load_predictor; "
+            "from mpattn.predict import load_ensemble; from mpattn.train.runs import load_run; "
+            "assert mpattn.load_run is load_run; "
             "assert mpattn.load_ensemble is load_ensemble; print('LAZY')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "LAZY" in out.stdout, out.stderr[-2000:]
+    run = mpattn.load_run(workdir)
+    assert isinstance(run, Predictor) and (run.step, run.config) == (predictor.step,
+                                                                     predictor.config)
+    for a, b in zip(jax.tree.leaves(run.params), jax.tree.leaves(predictor.params), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_ensemble_is_the_mean_of_its_members(workdir, second_workdir, predictor, test_split):
@@ -216,7 +234,7 @@ def test_ensemble_bad_input(workdir, predictor, tmp_path):
         load_ensemble([])
     with pytest.raises(ValueError, match=rf"{workdir} is given twice"):
         load_ensemble([workdir, workdir])
-    with pytest.raises(ValueError, match=rf"cannot load a predictor from {tmp_path}"):
+    with pytest.raises(ValueError, match=rf"cannot load a run from {tmp_path}"):
         load_ensemble([workdir, tmp_path])
     gap = copy.copy(predictor)
     gap.target, gap.unit = "gap", "eV"

@@ -130,7 +130,7 @@ class FrameSet:
         """Radius graphs of all frames, for potentials.
 
         Edges are the directed pairs closer than ``cutoff`` Å from
-        :func:`mpattn.featurize.radius_edges` (vesin; periodic images for periodic cells).
+        :func:`mpattn.neighbors.radius_edges` (vesin; periodic images for periodic cells).
 
         Args:
             cutoff: Radius of the neighbour graph in Å.
@@ -144,7 +144,7 @@ class FrameSet:
             shift``; zeros for molecules); ``globals["energy"]`` float64[F] eV; ``ids`` the
             frame ids.
         """
-        from mpattn.featurize import radius_edges
+        from mpattn.neighbors import radius_edges
 
         if not cutoff > 0:
             raise ValueError(f"cutoff must be positive, got {cutoff}")
@@ -159,7 +159,7 @@ class FrameSet:
                 raise ValueError(f"{self.source}: frame {self.ids[i]}: {exc}") from exc
             senders.append(s)
             receivers.append(r)
-            shifts.append(sh)
+            shifts.append(sh.astype(np.float32))
             n_edge.append(len(s))
         e = int(sum(n_edge))
         cat = np.concatenate

@@ -3,7 +3,7 @@
 A :class:`GraphSet` holds ``G`` graphs with ``N`` nodes and ``E`` edges in total, laid out
 graph after graph. ``senders``/``receivers`` are *local* indices (0-based within their own
 graph) so that any subset of graphs can be gathered and re-offset cheaply when a batch is
-assembled. Node/edge/global fields follow the GraphsTuple contract of DESIGN.md:
+assembled. Node/edge/global fields follow the graph contract of docs/design.md:
 
 - ``nodes``: ``{"z": int32[N], "positions": float32[N, 3], "features": float32[N, F]}``
 - ``edges``: ``{"bond": int32[E]}`` (0 single, 1 double, 2 triple, 3 aromatic, 4 not bonded)

@@ -1,6 +1,6 @@
 """Static-shape batching: padding budgets derived from the data, greedy packing, prefetching.
 
-A training run compiles its train step once per padding budget (DESIGN.md, "Static
+A training run compiles its train step once per padding budget (docs/design.md, "Static
 shapes"), so batches are packed into a few fixed :class:`~mpattn.graph.Budget` s:
 
 1. :func:`derive_budgets` picks ``num_budgets`` budgets from simulated shuffled batches.

@@ -24,8 +24,8 @@ from mpattn.featurize import (
     count_h,
     node_features,
     perceive,
-    radius_edges,
 )
+from mpattn.neighbors import radius_edges
 
 __all__ = ["MoleculeSet", "perceive_many"]
 

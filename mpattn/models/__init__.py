@@ -4,12 +4,13 @@
 >>> from mpattn.models import create_model
 >>> model = create_model("mhmp", rngs=nnx.Rngs(0), dim=64)   # config fields as overrides
 
-Names: ``mhmp`` (the thesis' MultiHead-Message Passing), ``mhmp_pe`` (the same with a
-positional encoding of the atom index: not permutation invariant), ``mpnn`` (Gilmer et al.
-2017), ``schnet`` (Schütt et al. 2017), ``attention_potential`` (an invariant attention
-potential over a radius graph with a smooth cutoff, :mod:`mpattn.models.potential`). Every
-model maps a padded ``jraph.GraphsTuple`` to predictions [num_graphs]; with a sum readout,
-``model(graph, per_atom=True)`` also returns per-atom contributions [num_nodes].
+Names: ``attention`` (the default: multi-head attention over the pairs within a cutoff with a
+smooth envelope, :mod:`mpattn.models.attention`), ``mhmp`` (the thesis' MultiHead-Message
+Passing), ``mhmp_pe`` (the same with a positional encoding of the atom index: not permutation
+invariant), ``mpnn`` (Gilmer et al. 2017), ``schnet`` (Schütt et al. 2017). Every model maps
+a padded ``jraph.GraphsTuple`` to one mapping of named outputs, ``{"energy": [num_graphs],
+"per_atom": [num_nodes], ...}`` (docs/design.md, "Output contract"); a model's class defaults
+are the settings it is trained with.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import dataclasses
 
 from flax import nnx
 
+from mpattn.models.attention import AttentionConfig, AttentionModel
 from mpattn.models.mhmp import MHMP, MHMPConfig
 from mpattn.models.mpnn import MPNN, MPNNConfig
-from mpattn.models.potential import AttentionPotential, AttentionPotentialConfig
 from mpattn.models.schnet import SchNet, SchNetConfig
 
 __all__ = [
-    "AttentionPotential",
-    "AttentionPotentialConfig",
+    "AttentionConfig",
+    "AttentionModel",
     "MHMP",
     "MODELS",
     "MPNN",
@@ -41,19 +42,20 @@ __all__ = [
 
 #: name -> (model class, default config)
 MODELS: dict[str, tuple[type, object]] = {
+    "attention": (AttentionModel, AttentionConfig()),
     "mhmp": (MHMP, MHMPConfig()),
     "mhmp_pe": (MHMP, MHMPConfig(positional_encoding=True)),
     "mpnn": (MPNN, MPNNConfig()),
     "schnet": (SchNet, SchNetConfig()),
-    "attention_potential": (AttentionPotential, AttentionPotentialConfig()),
 }
 _BUILTIN = frozenset(MODELS)
 
 
 def register_model(name: str, cls: type, config) -> None:
-    """Make a model of your own available by name to the trainers, ``load_potential`` and the
-    experiments' ``--model``: ``cls(config, rngs=...)`` must build it and ``config`` is its
-    default config (a dataclass). Register it again before loading a trained workdir.
+    """Make a model of your own available by name to the trainer, ``mpattn.load_run`` and the
+    experiments' ``--model``: ``cls(config, rngs=...)`` must build it, ``config`` is its
+    default config (a dataclass), and ``model(graph)`` must return the output mapping
+    (docs/design.md). Register it again before loading a trained workdir.
 
     Raises:
         ValueError: ``name`` is taken by a built-in model, or ``config`` is not a dataclass.
@@ -74,7 +76,8 @@ def model_names() -> list[str]:
 def default_config(name: str, **overrides):
     """The default config of model ``name`` with ``overrides`` applied (typed fields)."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {model_names()}")
+        hint = " (renamed 'attention')" if name == "attention_potential" else ""
+        raise ValueError(f"unknown model {name!r}{hint}; choose from {model_names()}")
     config = MODELS[name][1]
     fields = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(overrides) - fields)
@@ -85,8 +88,8 @@ def default_config(name: str, **overrides):
 
 def create_model(name: str, *, rngs: nnx.Rngs, config=None, **overrides) -> nnx.Module:
     """Build model ``name`` from ``config`` (default: its default config) plus ``overrides``."""
-    if config is None:
-        config = default_config(name, **overrides)
+    if config is None or name not in MODELS:
+        config = default_config(name, **overrides)  # unknown names raise here
     elif overrides:
         config = dataclasses.replace(config, **overrides)
     return MODELS[name][0](config, rngs=rngs)

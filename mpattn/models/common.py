@@ -18,7 +18,7 @@ NOT_BONDED = 4
 
 @dataclass
 class GraphInputs:
-    """Arrays shared by the layers of a model (see DESIGN.md's graph contract)."""
+    """Arrays shared by the layers of a model (see docs/design.md, "Graph contract")."""
 
     senders: Int[Array, " num_edges"]
     receivers: Int[Array, " num_edges"]

@@ -74,7 +74,8 @@ class MHMPConfig:
 
 
 class MHMP(nnx.Module):
-    """MultiHead-Message Passing; ``model(graph) -> [num_graphs]`` (see module docstring)."""
+    """MultiHead-Message Passing; ``model(graph)`` returns ``{"energy": [num_graphs]}`` (and
+    ``"per_atom"`` [num_nodes] with ``readout="sum"``); see the module docstring."""
 
     def __init__(self, config: MHMPConfig | None = None, *, rngs: nnx.Rngs):
         c = self.config = config or MHMPConfig()
@@ -109,9 +110,10 @@ class MHMP(nnx.Module):
         if self.config.layout == "dense":
             check_max_nodes(graph, self.config.max_nodes, "mhmp")
 
-    def __call__(self, graph: jraph.GraphsTuple, *, per_atom: bool = False):
-        """Predictions [num_graphs] (and per-atom contributions [num_nodes] with ``per_atom``,
-        which needs ``readout="sum"``)."""
+    def __call__(self, graph: jraph.GraphsTuple) -> dict[str, jax.Array]:
+        """The output mapping (docs/design.md): the prediction per graph under ``"energy"``
+        (whatever the target), per-atom contributions under ``"per_atom"`` with
+        ``readout="sum"``."""
         c = self.config
         g = graph_inputs(graph, bonded_only=c.bonded_only)
         h = self.embed(graph.nodes)
@@ -125,8 +127,7 @@ class MHMP(nnx.Module):
             h = update(h, m, senders=g.senders, receivers=g.receivers, bond=g.bond,
                        distances=g.distances, edge_mask=g.edge_mask)
         if c.readout == "sum":
-            return self.readout(h, g.n_node, per_atom=per_atom)
-        if per_atom:
-            raise ValueError("per-atom outputs need MHMPConfig(readout='sum')")
+            energy, per_atom = self.readout(h, g.n_node, per_atom=True)
+            return {"energy": energy, "per_atom": per_atom}
         r = self.readout(h, g.n_node)
-        return self.final(jax.nn.relu(self.hidden(r)))[:, 0]
+        return {"energy": self.final(jax.nn.relu(self.hidden(r)))[:, 0]}

@@ -48,7 +48,8 @@ class MPNNConfig:
 
 
 class MPNN(nnx.Module):
-    """Gilmer's MPNN; ``model(graph) -> [num_graphs]``."""
+    """Gilmer's MPNN; ``model(graph)`` returns ``{"energy": [num_graphs]}`` (and
+    ``"per_atom"`` [num_nodes] with ``readout="sum"``)."""
 
     def __init__(self, config: MPNNConfig | None = None, *, rngs: nnx.Rngs):
         c = self.config = config or MPNNConfig()
@@ -69,8 +70,9 @@ class MPNN(nnx.Module):
         if self.config.layout == "dense":
             check_max_nodes(graph, self.config.max_nodes, "mpnn")
 
-    def __call__(self, graph: jraph.GraphsTuple, *, per_atom: bool = False):
-        """Predictions [num_graphs] (per-atom [num_nodes] too with ``readout="sum"``)."""
+    def __call__(self, graph: jraph.GraphsTuple) -> dict[str, jax.Array]:
+        """The output mapping (docs/design.md): the prediction per graph under ``"energy"``,
+        per-atom contributions under ``"per_atom"`` with ``readout="sum"``."""
         c = self.config
         g = graph_inputs(graph, bonded_only=c.bonded_only)
         h = jax.nn.relu(self.embed(graph.nodes))
@@ -79,8 +81,7 @@ class MPNN(nnx.Module):
                              distances=g.distances, n_node=g.n_node, edge_mask=g.edge_mask)
             h = self.update(h, jax.nn.relu(m))
         if c.readout == "sum":
-            return self.readout(h, g.n_node, per_atom=per_atom)
-        if per_atom:
-            raise ValueError("per-atom outputs need MPNNConfig(readout='sum')")
+            energy, per_atom = self.readout(h, g.n_node, per_atom=True)
+            return {"energy": energy, "per_atom": per_atom}
         r = self.readout(h, g.n_node)
-        return self.final(jax.nn.relu(self.hidden(r)))[:, 0]
+        return {"energy": self.final(jax.nn.relu(self.hidden(r)))[:, 0]}

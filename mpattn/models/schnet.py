@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jax
 import jraph
 from flax import nnx
 
+from mpattn.graph import node_mask
 from mpattn.models.common import graph_inputs
 from mpattn.nn.embed import AtomEmbedding
 from mpattn.nn.message import Interaction, shifted_softplus
@@ -38,7 +40,7 @@ class SchNetConfig:
 
 
 class SchNet(nnx.Module):
-    """SchNet; ``model(graph) -> [num_graphs]`` or with ``per_atom=True`` also [num_nodes]."""
+    """SchNet; ``model(graph)`` returns ``{"energy": [num_graphs], "per_atom": [num_nodes]}``."""
 
     def __init__(self, config: SchNetConfig | None = None, *, rngs: nnx.Rngs):
         c = self.config = config or SchNetConfig()
@@ -53,8 +55,8 @@ class SchNet(nnx.Module):
     def check(self, graph: jraph.GraphsTuple) -> None:
         """Nothing to check: SchNet has no static molecule size."""
 
-    def __call__(self, graph: jraph.GraphsTuple, *, per_atom: bool = False):
-        """Predictions [num_graphs] (and per-atom contributions [num_nodes])."""
+    def __call__(self, graph: jraph.GraphsTuple) -> dict[str, jax.Array]:
+        """The output mapping (docs/design.md): per graph and per atom."""
         g = graph_inputs(graph, bonded_only=self.config.bonded_only)
         # symmetric edges (edges["pair"]): filters once per unordered pair, half the work
         d = g.distances if g.pair is None else pair_mean(g.distances, g.pair)
@@ -62,4 +64,5 @@ class SchNet(nnx.Module):
         for block in self.interactions:
             h = h + block(h, senders=g.senders, receivers=g.receivers, distances=d,
                           edge_mask=g.edge_mask, pair=g.pair)
-        return self.readout(h, g.n_node, per_atom=per_atom)
+        energy, per_atom = self.readout(h, g.n_node, mask=node_mask(graph), per_atom=True)
+        return {"energy": energy, "per_atom": per_atom}

@@ -18,10 +18,8 @@ Two exact layouts of the same function:
   ``m_v = Σ_{w,k} u_vw[k] P_w[k]``); the B-term ``(Σ_w h_w) @ B`` is added from a flat
   segment sum. It is the default of :class:`EdgeNetwork`.
 
-Measured with ``benchmarks/edge_network.py`` (jitted train step, 3 steps with a GRU update,
-d = 64, K = 128, batches of 128 random QM9 molecules on complete graphs), molecules/s:
-dense project-first 168-181 on 2 CPU cores / 60,800 on an H100; dense sum-first 147-151 /
-51,800; plain 22 / 12,300.
+``benchmarks/edge_network.py`` times the three: the dense project-first layout is the
+fastest on a CPU and on a GPU, the plain one several times slower (docs/results.md).
 
 Continuous-filter convolution (Schütt et al., "SchNet: A continuous-filter convolutional
 neural network for modeling quantum interactions", NeurIPS 2017): ``x'_v = Σ_w x_w ⊙ W(r_vw)``

@@ -1,82 +1,47 @@
-"""Training engine: targets, losses, schedules, metrics (and the train state, loop, checkpoints).
+"""The training engine: one trainer over tasks.
 
-* :mod:`mpattn.train.targets`: float64 host-side target transform (per-element linear
-  reference + standardisation); the device only sees standardised residuals.
-* :mod:`mpattn.train.losses`: masked per-graph MSE/L1/Huber with size weightings, and the
-  size-balancing sampling helpers.
-* :mod:`mpattn.train.schedules`: Adam + schedules (step decay, warmup-cosine, reduce on
-  plateau) with gradient clipping; EMA weights.
-* :mod:`mpattn.train.metrics`: MAE/RMSE in meV and kcal/mol, per size and per element.
-* :mod:`mpattn.train.checkpoint`: orbax checkpoints (latest N + best by validation MAE).
-* :mod:`mpattn.train.loop`: the jit-compiled train step, epochs, exact resumption.
-* :mod:`mpattn.train.experiment`: a whole QM9 run and its outputs (``experiments.qm9_u0``).
+* :mod:`mpattn.train.config`: :class:`TrainConfig`, what every run shares (checked before
+  any data is read).
+* :mod:`mpattn.train.property`, :mod:`mpattn.train.forces`: the tasks, what runs differ in
+  (a per-molecule target; energies and forces of a potential) and their data preparation.
+* :mod:`mpattn.train.terms`: the loss as named, weighted terms (target, energy, forces,
+  denoising, dipole); :mod:`mpattn.train.losses`: the masked loss functions behind them.
+* :mod:`mpattn.train.trainer`: :class:`Trainer` (epochs, validation in physical units,
+  checkpoints, exact resumption); :mod:`mpattn.train.steps`: the jit-compiled step.
+* :mod:`mpattn.train.targets`: the float64 host-side target transform;
+  :mod:`mpattn.train.metrics`: error reports; :mod:`mpattn.train.schedules`: optax
+  optimisers, schedules, EMA; :mod:`mpattn.train.checkpoint`: orbax checkpoints;
+  :mod:`mpattn.train.runs`: reading runs back (:func:`load_run`);
+  :mod:`mpattn.train.report`: results files and plots.
 """
 
+from mpattn.train import checkpoint, losses, metrics, schedules, targets, terms
 from mpattn.train.checkpoint import Checkpointer
-from mpattn.train.loop import (
-    EpochPlan,
-    TrainConfig,
-    Trainer,
-    TrainingDiverged,
-    calibrate_epochs,
-    prepare,
-)
-from mpattn.train.losses import (
-    LOSSES,
-    WEIGHT_FLOOR,
-    WEIGHTINGS,
-    cap_per_size,
-    elementwise_loss,
-    graph_weights,
-    loss_value,
-    size_range,
-)
-from mpattn.train.metrics import KCAL_MOL_MEV, error_report
-from mpattn.train.schedules import (
-    SCHEDULES,
-    current_lr,
-    ema_init,
-    ema_update,
-    make_optimizer,
-    make_schedule,
-    step_decay,
-    warmup_cosine,
-)
-from mpattn.train.targets import QM9_ELEMENTS, TargetTransform, element_counts
+from mpattn.train.config import TrainConfig
+from mpattn.train.forces import EnergyForceTask, ForceData
+from mpattn.train.property import PropertyData, PropertyTask
+from mpattn.train.runs import load_run
+from mpattn.train.targets import TargetTransform
+from mpattn.train.terms import Denoising, Dipole
+from mpattn.train.trainer import Trainer, TrainingDiverged
 
 __all__ = [
-    # checkpoint
     "Checkpointer",
-    # loop
-    "EpochPlan",
+    "Denoising",
+    "Dipole",
+    "EnergyForceTask",
+    "ForceData",
+    "PropertyData",
+    "PropertyTask",
+    "TargetTransform",
     "TrainConfig",
     "Trainer",
     "TrainingDiverged",
-    "calibrate_epochs",
-    "prepare",
-    # losses
-    "LOSSES",
-    "WEIGHTINGS",
-    "WEIGHT_FLOOR",
-    "cap_per_size",
-    "elementwise_loss",
-    "graph_weights",
-    "loss_value",
-    "size_range",
-    # metrics
-    "KCAL_MOL_MEV",
-    "error_report",
-    # schedules
-    "SCHEDULES",
-    "current_lr",
-    "ema_init",
-    "ema_update",
-    "make_optimizer",
-    "make_schedule",
-    "step_decay",
-    "warmup_cosine",
-    # targets
-    "QM9_ELEMENTS",
-    "TargetTransform",
-    "element_counts",
+    "checkpoint",
+    "load_run",
+    "losses",
+    "metrics",
+    "schedules",
+    "targets",
+    "terms",
 ]

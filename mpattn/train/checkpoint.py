@@ -26,7 +26,6 @@ means the checkpoint is on disk.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -40,9 +39,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-__all__ = ["Checkpointer", "json_tuples", "read_meta"]
+__all__ = ["CHECKPOINT_FORMAT", "Checkpointer", "json_tuples", "latest_meta", "read_meta"]
 
 _TMP_MARK = ".orbax-checkpoint-tmp"
+
+#: The metadata layout this version writes (``meta["format"]``); checkpoints without the key
+#: were written before the one-engine change and are read through
+#: :mod:`mpattn.train.runs`' table of old defaults.
+CHECKPOINT_FORMAT = 2
 
 
 def _best_key(metrics: dict) -> tuple[float, int]:
@@ -350,22 +354,6 @@ def _quiet_readers(quiet: bool = True):
 def json_tuples(x):
     """JSON gives lists where frozen configs hold tuples."""
     return tuple(json_tuples(v) for v in x) if isinstance(x, list) else x
-
-
-def recorded_config(cls, fields: dict):
-    """The dataclass ``cls`` from the fields a checkpoint recorded: lists back to tuples;
-    fields this version does not know (a newer one wrote them) left out, fields it did not
-    record at their defaults."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: json_tuples(v) for k, v in fields.items() if k in known})
-
-
-def recorded_model_config(model: str, fields: dict):
-    """The typed config of ``model`` from the fields a checkpoint recorded (lists back to
-    tuples; fields it did not record at the class's defaults)."""
-    from mpattn.models import default_config
-
-    return default_config(model, **{k: json_tuples(v) for k, v in fields.items()})
 
 
 def latest_meta(directory: Path) -> dict:

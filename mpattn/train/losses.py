@@ -1,4 +1,5 @@
-"""Masked per-graph losses with the size weightings of the SchNet size study, and its sampling.
+"""Masked losses: per-graph losses with the size weightings of the SchNet size study (and its
+sampling), and the energy + force loss of potentials.
 
 :func:`loss_value` is pure and jit-friendly: an elementwise loss (MSE as in the thesis, L1,
 Huber) per real graph, multiplied by a per-graph weight ``v`` and normalised by ``Σ mask·v``,
@@ -24,14 +25,23 @@ non-positive number.
 
 The study also balanced the training set by size: :func:`cap_per_size` keeps at most ``cap``
 molecules of each atom count, :func:`size_range` keeps an atom-count range (host-side numpy).
+
+:func:`energy_force_loss` is SO3krates' ``L = (1-β) ℓ(E - Ê) + β/(3N) Σ ℓ(F - F̂)``, its two
+means also available apart (:func:`energy_term`, :func:`force_term`) for the trainer's named
+loss terms (:mod:`mpattn.train.terms`).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import jraph
 import numpy as np
 import optax
 from jaxtyping import Array, Bool, Float, Int
+
+from mpattn.graph import graph_mask, node_mask
+from mpattn.ops import graph_index, segment_sum
 
 __all__ = [
     "LOSSES",
@@ -39,6 +49,9 @@ __all__ = [
     "WEIGHT_FLOOR",
     "cap_per_size",
     "elementwise_loss",
+    "energy_force_loss",
+    "energy_term",
+    "force_term",
     "graph_weights",
     "loss_value",
     "size_range",
@@ -170,3 +183,64 @@ def size_range(n_atoms, min_atoms: int | None = None,
     if lo > hi:
         raise ValueError(f"size_range: min_atoms {min_atoms} > max_atoms {max_atoms}")
     return np.flatnonzero((n_atoms >= lo) & (n_atoms <= hi)).astype(np.int64)
+
+
+def _check_pair(pred, true, what: str, ndim: int) -> None:
+    if jnp.shape(pred) != jnp.shape(true) or jnp.ndim(pred) != ndim:
+        raise ValueError(f"{what}: shapes differ or are not {ndim}-d: pred {jnp.shape(pred)}, "
+                         f"true {jnp.shape(true)}")
+
+
+def energy_term(pred_e: Float[Array, " num_graphs"], true_e: Float[Array, " num_graphs"],
+                graph: jraph.GraphsTuple, *, loss: str = "mse",
+                huber_delta: float = 1.0) -> Float[Array, ""]:
+    """``mean_g ℓ(E_g - Ê_g)`` over the real graphs of a padded batch (per molecule, not per
+    atom, as in the SO3krates loss). Padding is removed with a ``where`` on the inputs, so
+    whatever it holds (even NaN) changes neither the value nor its gradient."""
+    _check(loss, LOSSES, "loss")
+    _check_pair(pred_e, true_e, "energy_term", 1)
+    gm = graph_mask(graph)
+    pred_e, true_e = jnp.asarray(pred_e), jnp.asarray(true_e)
+    pe, te = jnp.where(gm, pred_e, 0), jnp.where(gm, true_e, 0).astype(pred_e.dtype)
+    per = elementwise_loss(loss, pe, te, huber_delta=huber_delta)
+    return jnp.sum(jnp.where(gm, per, 0)) / jnp.maximum(jnp.sum(gm), 1)
+
+
+def force_term(pred_f: Float[Array, "num_nodes 3"], true_f: Float[Array, "num_nodes 3"],
+               graph: jraph.GraphsTuple, *, loss: str = "mse",
+               huber_delta: float = 1.0) -> Float[Array, ""]:
+    """``mean_g [Σ_{i∈g} Σ_k ℓ(F_ik - F̂_ik) / (3 N_g)]`` over the real graphs (padding removed
+    as in :func:`energy_term`)."""
+    _check(loss, LOSSES, "loss")
+    _check_pair(pred_f, true_f, "force_term", 2)
+    gm, nm = graph_mask(graph), node_mask(graph)[:, None]
+    pred_f, true_f = jnp.asarray(pred_f), jnp.asarray(true_f)
+    pf, tf = jnp.where(nm, pred_f, 0), jnp.where(nm, true_f, 0).astype(pred_f.dtype)
+    per_node = jnp.sum(elementwise_loss(loss, pf, tf, huber_delta=huber_delta), axis=1)
+    n_node = jnp.asarray(graph.n_node)
+    seg = graph_index(n_node, pred_f.shape[0])
+    per_graph = segment_sum(per_node, seg, num_segments=n_node.shape[0])
+    per_graph = per_graph / jnp.maximum(3 * n_node, 1).astype(per_graph.dtype)
+    return jnp.sum(jnp.where(gm, per_graph, 0)) / jnp.maximum(jnp.sum(gm), 1)
+
+
+def energy_force_loss(pred_e: Float[Array, " num_graphs"], pred_f: Float[Array, "num_nodes 3"],
+                      true_e: Float[Array, " num_graphs"], true_f: Float[Array, "num_nodes 3"],
+                      graph: jraph.GraphsTuple, *, beta: float, loss: str = "mse",
+                      huber_delta: float = 1.0, return_terms: bool = False):
+    """``L = (1-β) energy_term + β force_term`` (:func:`energy_term`, :func:`force_term`).
+
+    With ``return_terms`` also returns ``{"energy": ..., "forces": ...}`` (the two means
+    before weighting).
+    """
+    if not isinstance(beta, jax.Array) and not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if jnp.shape(pred_e) != jnp.shape(true_e) or jnp.shape(pred_f) != jnp.shape(true_f) \
+            or jnp.ndim(pred_f) != 2:
+        raise ValueError(f"energy_force_loss: shapes differ: pred_e {jnp.shape(pred_e)}, "
+                         f"true_e {jnp.shape(true_e)}, pred_f {jnp.shape(pred_f)}, true_f "
+                         f"{jnp.shape(true_f)}")
+    e = energy_term(pred_e, true_e, graph, loss=loss, huber_delta=huber_delta)
+    f = force_term(pred_f, true_f, graph, loss=loss, huber_delta=huber_delta)
+    total = (1.0 - beta) * e + beta * f
+    return (total, {"energy": e, "forces": f}) if return_terms else total

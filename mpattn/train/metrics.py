@@ -1,10 +1,12 @@
 """Error reports in physical units (host-side numpy float64).
 
-:func:`error_report` gives the overall MAE and RMSE and the error analysis chemists ask for:
-per number of atoms and per element present (SchNet's size study). Energies (``unit="eV"``)
-are reported in meV, with the MAE also in kcal/mol (1 kcal/mol = 43.364 meV, from
-``ase.units``; chemical accuracy is 1 kcal/mol); any other target is reported in its own unit
-under ``mae``/``rmse``.
+:func:`error_report` (the property task) gives the overall MAE and RMSE and the error
+analysis chemists ask for: per number of atoms and per element present (SchNet's size
+study). Energies (``unit="eV"``) are reported in meV, with the MAE also in kcal/mol
+(1 kcal/mol = 43.364 meV, from ``ase.units``; chemical accuracy is 1 kcal/mol); any other
+target is reported in its own unit under ``mae``/``rmse``. :func:`force_metrics` (the
+energy+forces task) gives energy errors per structure and per atom and force errors per
+Cartesian component, in meV and meV/Å.
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ import numpy as np
 from ase import units
 from ase.data import chemical_symbols
 
-__all__ = ["KCAL_MOL_MEV", "error_report"]
+__all__ = ["KCAL_MOL_MEV", "error_report", "force_metrics"]
 
 #: One kcal/mol in meV (≈ 43.364).
 KCAL_MOL_MEV: float = 1000.0 * units.kcal / units.mol
+
+
+def _mae_rmse(err: np.ndarray) -> tuple[float, float]:
+    return float(np.mean(np.abs(err))), float(np.sqrt(np.mean(err**2)))
 
 
 def error_report(pred, true, *, n_atoms, counts=None, elements=None,
@@ -58,12 +64,12 @@ def error_report(pred, true, *, n_atoms, counts=None, elements=None,
     factor = 1000.0 if energy else 1.0
     suffix = "_mev" if energy else ""
     err = np.abs(pred - true) * factor
-
+    mae, rmse = _mae_rmse(err)
     report: dict[str, Any] = {
         "unit": "meV" if energy else unit,
         "n": int(len(err)),
-        f"mae{suffix}": float(err.mean()),
-        f"rmse{suffix}": float(np.sqrt(np.mean(err**2))),
+        f"mae{suffix}": mae,
+        f"rmse{suffix}": rmse,
     }
     if energy:
         report["mae_kcal_mol"] = float(err.mean() / KCAL_MOL_MEV)
@@ -88,3 +94,38 @@ def error_report(pred, true, *, n_atoms, counts=None, elements=None,
                     "n": int(has.sum()), f"mae{suffix}": float(err[has].mean())}
     report["per_element"] = per_element
     return report
+
+
+def force_metrics(pred_e, true_e, pred_f, true_f, n_atoms) -> dict[str, float]:
+    """Energy and force errors (numpy float64), inputs in eV and eV/Å.
+
+    Args:
+        pred_e, true_e: [num_structures] energies.
+        pred_f, true_f: [total_atoms, 3] forces of the same structures, concatenated.
+        n_atoms: int [num_structures].
+
+    Returns:
+        ``energy_mae_mev``, ``energy_rmse_mev``, ``energy_mae_mev_per_atom`` (mean of
+        ``|ΔE| / N``), ``energy_rmse_mev_per_atom``, ``force_mae_mev_ang`` and
+        ``force_rmse_mev_ang`` (over all Cartesian components), ``n_structures``, ``n_atoms``.
+    """
+    pe, te = (np.asarray(a, np.float64).ravel() for a in (pred_e, true_e))
+    pf, tf = (np.asarray(a, np.float64).reshape(-1, 3) for a in (pred_f, true_f))
+    n = np.asarray(n_atoms, np.int64).ravel()
+    if not (pe.shape == te.shape == n.shape) or pf.shape != tf.shape or len(pf) != n.sum():
+        raise ValueError(f"force_metrics: {pe.shape} / {te.shape} energies for {n.shape} "
+                         f"structures of {int(n.sum())} atoms, forces {pf.shape} / {tf.shape}")
+    de = (pe - te) * 1000.0
+    e_mae, e_rmse = _mae_rmse(de)
+    a_mae, a_rmse = _mae_rmse(de / n)
+    f_mae, f_rmse = _mae_rmse((pf - tf) * 1000.0)
+    return {
+        "energy_mae_mev": e_mae,
+        "energy_rmse_mev": e_rmse,
+        "energy_mae_mev_per_atom": a_mae,
+        "energy_rmse_mev_per_atom": a_rmse,
+        "force_mae_mev_ang": f_mae,
+        "force_rmse_mev_ang": f_rmse,
+        "n_structures": int(len(pe)),
+        "n_atoms": int(n.sum()),
+    }

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["plot_curves", "plot_parity", "plot_per_size", "write_json"]
+__all__ = ["environment", "plot_curves", "plot_parity", "plot_per_size", "read_predictions",
+           "write_json", "write_predictions"]
 
 
 def write_json(path: str | Path, obj: dict) -> Path:
@@ -25,6 +26,25 @@ def write_json(path: str | Path, obj: dict) -> Path:
     tmp.write_text(json.dumps(obj, indent=1, default=default) + "\n")
     tmp.replace(path)
     return path
+
+
+def environment() -> dict:
+    """Where a run ran, for its results file: ``{"device", "python", "versions"}``."""
+    import platform
+    from importlib import metadata
+
+    import jax
+
+    d = jax.devices()[0]
+    hosts = f" ({jax.process_count()} processes)" if jax.process_count() > 1 else ""
+    versions = {}
+    for pkg in ("mpattn", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"device": f"{d.platform}:{d.device_kind} x{jax.device_count()}{hosts}",
+            "python": platform.python_version(), "versions": versions}
 
 
 PREDICTION_COLUMNS = ("part", "id", "n_atoms", "true", "pred")
@@ -88,12 +108,13 @@ def _figure():
     return plt
 
 
-def plot_curves(history: list[dict], path: str | Path, *, unit: str = "meV") -> Path:
-    """Training loss and validation MAE per epoch, log scale."""
+def plot_curves(history: list[dict], path: str | Path, *, unit: str = "meV",
+                key: str = "val_mae") -> Path:
+    """Training loss and validation MAE (the rows' ``key``) per epoch, log scale."""
     plt = _figure()
     epochs = [r["epoch"] for r in history]
     fig, ax1 = plt.subplots(figsize=(6, 4))
-    ax1.plot(epochs, [r["val_mae"] for r in history], "o-", color="C1", label="val MAE")
+    ax1.plot(epochs, [r[key] for r in history], "o-", color="C1", label="val MAE")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel(f"validation MAE ({unit})")
     ax1.set_yscale("log")

@@ -20,60 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from ase.data import chemical_symbols
 
-__all__ = ["QM9_ELEMENTS", "TargetTransform", "element_counts"]
+from mpattn.elements import QM9_ELEMENTS, fit_linear_reference
 
-#: The elements of QM9 (H, C, N, O, F), as atomic numbers.
-QM9_ELEMENTS: tuple[int, ...] = (1, 6, 7, 8, 9)
+__all__ = ["TargetTransform"]
 
 _STD_FLOOR = 1e-12
-
-
-def _symbols(zs) -> str:
-    return ", ".join(
-        f"{int(z)} ({chemical_symbols[int(z)] if 0 <= int(z) < len(chemical_symbols) else '?'})"
-        for z in zs
-    )
-
-
-def element_counts(z, n_node, elements=QM9_ELEMENTS) -> np.ndarray:
-    """Number of atoms of each element in each graph.
-
-    Args:
-        z: int [num_nodes] atomic numbers of all graphs, concatenated.
-        n_node: int [num_graphs] atoms per graph (sums to ``len(z)``).
-        elements: atomic numbers, one column each, in this order.
-
-    Returns:
-        float64 [num_graphs, len(elements)].
-
-    Raises:
-        ValueError: if ``z`` holds an element not in ``elements`` (named in the message), or
-            ``n_node`` does not add up to ``len(z)``.
-    """
-    z = np.asarray(z).astype(np.int64).ravel()
-    n_node = np.asarray(n_node).astype(np.int64).ravel()
-    elements = tuple(int(e) for e in elements)
-    if len(set(elements)) != len(elements):
-        raise ValueError(f"element_counts: repeated elements in {elements}")
-    if n_node.sum() != len(z) or (n_node < 0).any():
-        raise ValueError(
-            f"element_counts: n_node sums to {int(n_node.sum())} but z has {len(z)} atoms"
-        )
-    lookup = np.full(max(elements + (int(z.max(initial=0)),)) + 1, -1, np.int64)
-    lookup[list(elements)] = np.arange(len(elements))
-    column = lookup[np.clip(z, 0, None)] if len(z) else np.zeros(0, np.int64)
-    unknown = np.unique(z[(column < 0) | (z < 0)])
-    if len(unknown):
-        raise ValueError(
-            f"element_counts: atomic numbers {_symbols(unknown)} not in elements "
-            f"{_symbols(elements)}"
-        )
-    graph = np.repeat(np.arange(len(n_node)), n_node)
-    counts = np.zeros((len(n_node), len(elements)), np.float64)
-    np.add.at(counts, (graph, column), 1.0)
-    return counts
 
 
 @dataclass
@@ -115,11 +67,11 @@ class TargetTransform:
 
         Args:
             y: float [num_graphs] targets in their units.
-            counts: float [num_graphs, len(elements)] from :func:`element_counts` (needed
-                when ``reference``).
+            counts: float [num_graphs, len(elements)] from
+                :func:`~mpattn.elements.element_counts` (needed when ``reference``).
             reference: fit ``y ≈ counts @ coef + intercept`` by least squares
-                (``np.linalg.lstsq``; an element absent from the fit set gets coefficient 0,
-                the minimum-norm solution) and standardise the residual; otherwise
+                (:func:`~mpattn.elements.fit_linear_reference`; an element absent from the
+                fit set gets coefficient 0) and standardise the residual; otherwise
                 standardise ``y`` itself.
             elements: atomic numbers of the columns of ``counts``.
 
@@ -134,9 +86,7 @@ class TargetTransform:
         coef, intercept = None, 0.0
         if reference:
             counts = cls._check_counts(counts, len(y), elements)
-            design = np.concatenate([counts, np.ones((len(y), 1))], axis=1)
-            solution, *_ = np.linalg.lstsq(design, y, rcond=None)
-            coef, intercept = solution[:-1], float(solution[-1])
+            coef, intercept = fit_linear_reference(counts, y, intercept=True)
             y = y - (counts @ coef + intercept)
         std = max(float(np.std(y)), _STD_FLOOR)
         return cls(elements, coef, intercept, float(np.mean(y)), std)

@@ -1,8 +1,10 @@
-"""Multi-head graph attention (mpattn.nn.attention) against hand values and dense attention."""
+"""Multi-head graph attention (mpattn.nn.attention) against hand values and dense attention;
+its smooth mode (smooth_graph_attention: softmax and silu weights, envelope, value filter)."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +13,14 @@ import pytest
 from flax import nnx
 
 from mpattn.graph import Budget, edge_mask, graph_mask, pad_batch
-from mpattn.nn.attention import MultiHeadGraphAttention
+from mpattn.nn.attention import (
+    ATTENTION_WEIGHTS,
+    SUM_NEIGHBOURS,
+    MultiHeadGraphAttention,
+    smooth_graph_attention,
+)
 from mpattn.nn.attention import graph_attention as _graph_attention
-from mpattn.nn.radial import edge_distances
+from mpattn.nn.radial import edge_distances, polynomial_cutoff
 from mpattn.ops import segment_softmax as _segment_softmax
 
 # jit-compiled once per shape: eager op-by-op dispatch compiles every primitive separately
@@ -313,3 +320,127 @@ def test_invalid_configuration_errors():
         model(jnp.ones((3, 8)), distances=jnp.ones(6), **kw)
     with pytest.raises(ValueError, match=r"edge_bias='bond\+distance' needs distances"):
         model(jnp.ones((3, 8)), bond=jnp.zeros(6, jnp.int32), **kw)
+
+
+# ------------------------------------------------------------------------- smooth mode
+
+
+def test_smooth_graph_attention_by_hand():
+    """Golden values from numpy loops; an edge with envelope 0 gets weight exactly 0."""
+    rng = np.random.default_rng(5)
+    q, k, v = rng.normal(size=(3, 3, 2, 4))  # 3 nodes, 2 heads, 4 features
+    senders, receivers = np.array([1, 2, 0, 2]), np.array([0, 0, 1, 1])
+    env = np.array([0.9, 0.3, 1.0, 0.0])
+    bias, filt = rng.normal(size=(4, 2)), rng.normal(size=(4, 2, 4))
+    got, alpha = smooth_graph_attention(
+        *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), senders=senders,
+        receivers=receivers, num_segments=3, envelope=jnp.asarray(env, jnp.float32),
+        bias=jnp.asarray(bias, jnp.float32), value_filter=jnp.asarray(filt, jnp.float32),
+        return_weights=True)
+    want, want_alpha = np.zeros((3, 2, 4)), np.zeros((4, 2))
+    for node in range(3):
+        for h in range(2):
+            es = [e for e in range(4) if receivers[e] == node]
+            w = [env[e] * np.exp(q[node, h] @ k[senders[e], h] / 2 + bias[e, h]) for e in es]
+            for e, we in zip(es, w, strict=True):
+                want[node, h] += we / (1 + sum(w)) * v[senders[e], h] * filt[e, h]
+                want_alpha[e, h] = we / (1 + sum(w))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(alpha, want_alpha, rtol=1e-5, atol=1e-7)
+    assert alpha[3].tolist() == [0.0, 0.0]  # envelope 0: weight exactly 0
+    np.testing.assert_array_equal(got[2], 0.0)  # no neighbours: nothing, not NaN
+
+
+def test_smooth_graph_attention_silu_by_hand():
+    """``weights="silu"``: unnormalised ``silu(l) f(r) / 16``, golden values from numpy."""
+    rng = np.random.default_rng(6)
+    q, k, v = rng.normal(size=(3, 3, 2, 4))
+    senders, receivers = np.array([1, 2, 0, 2]), np.array([0, 0, 1, 1])
+    env, bias = np.array([0.9, 0.3, 1.0, 0.0]), rng.normal(size=(4, 2))
+    got, alpha = smooth_graph_attention(
+        *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), senders=senders,
+        receivers=receivers, num_segments=3, envelope=jnp.asarray(env, jnp.float32),
+        bias=jnp.asarray(bias, jnp.float32), return_weights=True, weights="silu")
+    logit = np.einsum("ehd,ehd->eh", q[receivers], k[senders]) / 2 + bias
+    want_alpha = logit / (1 + np.exp(-logit)) * env[:, None] / SUM_NEIGHBOURS
+    want = np.zeros((3, 2, 4))
+    np.add.at(want, receivers, want_alpha[..., None] * v[senders])
+    np.testing.assert_allclose(alpha, want_alpha, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert alpha[3].tolist() == [0.0, 0.0]
+    assert abs(want_alpha[:2].sum(0) - 1).min() > 0.05  # not normalised
+    assert SUM_NEIGHBOURS == 16.0 and ATTENTION_WEIGHTS == ("softmax", "silu")
+    with pytest.raises(ValueError, match=re.escape(
+            "weights must be one of ('softmax', 'silu'), got 'relu'")):
+        smooth_graph_attention(q, k, v, senders=senders, receivers=receivers, num_segments=3,
+                               envelope=env, weights="relu")
+
+
+def _smooth_case(seed=0):
+    """5 nodes, edges listed in pairs (2k, 2k+1 are one pair's two directions), distances up
+    to beyond the 3 Å cutoff, a random value filter."""
+    rng = np.random.default_rng(seed)
+    ends = [(0, 1), (0, 2), (1, 2), (1, 3), (2, 3), (3, 4), (0, 4)]
+    senders = np.array([x for a, b in ends for x in (a, b)], np.int32)
+    receivers = np.array([x for a, b in ends for x in (b, a)], np.int32)
+    pair_d = np.array([1.0, 2.2, 2.9, 0.8, 3.4, 1.7, 2.5], np.float32)
+    h = jnp.asarray(rng.normal(size=(5, 8)), jnp.float32)
+    filt = jnp.asarray(rng.normal(size=(len(senders), 2, 4)), jnp.float32)
+    return h, senders, receivers, pair_d, filt
+
+
+@pytest.mark.parametrize("weights", ATTENTION_WEIGHTS)
+def test_module_smooth_mode_equals_smooth_graph_attention_on_its_projections(weights):
+    """Passing ``envelope`` selects the smooth mode: the module's output and weights are
+    :func:`smooth_graph_attention` of its own q, k, v projections and distance bias, through
+    its output projection; per pair slot (``pair``) the distance bias is read by both edges."""
+    model = MultiHeadGraphAttention(8, 2, 4, edge_bias="distance", num_rbf=8, cutoff=3.0,
+                                    rngs=nnx.Rngs(3))
+    h, senders, receivers, pair_d, filt = _smooth_case()
+    pair = np.arange(len(senders), dtype=np.int32) // 2
+    d = jnp.asarray(pair_d[pair])
+    env = polynomial_cutoff(d, 3.0)
+    assert float(env[8]) == 0.0  # the pair at 3.4 Å is beyond the cutoff
+    out, alpha = model(h, senders=senders, receivers=receivers, distances=d, envelope=env,
+                       value_filter=filt, weights=weights, return_weights=True)
+    shape = (5, 2, 4)
+    q, k, v = (lin(h).reshape(shape) for lin in (model.query, model.key, model.value))
+    bias = model.edge_logit_bias(distances=d)
+    o, want_alpha = smooth_graph_attention(q, k, v, senders=senders, receivers=receivers,
+                                           num_segments=5, envelope=env, bias=bias,
+                                           value_filter=filt, weights=weights,
+                                           return_weights=True)
+    np.testing.assert_allclose(out, model.out(o.reshape(5, 8)), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(alpha, want_alpha, rtol=1e-6, atol=1e-8)
+    assert out.shape == (5, 8) and np.abs(np.asarray(out)).max() > 1e-3
+    np.testing.assert_array_equal(np.asarray(alpha)[8:10], 0.0)  # beyond the cutoff
+    # without the value filter the values pass unfiltered (and the output differs)
+    unfiltered = model(h, senders=senders, receivers=receivers, distances=d, envelope=env,
+                       weights=weights)
+    o_plain = smooth_graph_attention(q, k, v, senders=senders, receivers=receivers,
+                                     num_segments=5, envelope=env, bias=bias, weights=weights)
+    np.testing.assert_allclose(unfiltered, model.out(o_plain.reshape(5, 8)), rtol=1e-6,
+                               atol=1e-7)
+    assert np.abs(np.asarray(unfiltered - out)).max() > 1e-3
+    # distances per pair slot: the same result
+    per_pair = model(h, senders=senders, receivers=receivers, distances=jnp.asarray(pair_d),
+                     pair=jnp.asarray(pair), envelope=env, value_filter=filt, weights=weights)
+    np.testing.assert_allclose(per_pair, out, rtol=1e-6, atol=1e-7)
+    # the plain mode (no envelope) is another function
+    plain = model(h, senders=senders, receivers=receivers, distances=d)
+    assert np.abs(np.asarray(plain - out)).max() > 1e-3
+
+
+def test_module_smooth_mode_errors():
+    model = MultiHeadGraphAttention(8, 2, 4, edge_bias="distance", num_rbf=8, cutoff=3.0,
+                                    rngs=nnx.Rngs(3))
+    h, senders, receivers, pair_d, filt = _smooth_case()
+    d = jnp.asarray(np.repeat(pair_d, 2))
+    kw = dict(senders=senders, receivers=receivers, distances=d)
+    with pytest.raises(ValueError, match=r"value_filter needs the smooth mode \(an envelope\)"):
+        model(h, value_filter=filt, **kw)
+    with pytest.raises(ValueError, match="the smooth mode masks edges through the envelope"):
+        model(h, envelope=polynomial_cutoff(d, 3.0), edge_mask=jnp.ones(len(d), bool), **kw)
+    with pytest.raises(ValueError, match=re.escape(
+            "weights must be one of ('softmax', 'silu'), got 'relu'")):
+        model(h, envelope=polynomial_cutoff(d, 3.0), weights="relu", **kw)

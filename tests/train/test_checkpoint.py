@@ -302,15 +302,37 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     assert Checkpointer(tmp_path).latest_step() == 5
 
 
-def test_recorded_configs_skip_fields_of_newer_versions_and_default_unrecorded_ones():
-    from mpattn.train.checkpoint import recorded_config, recorded_model_config
-    from mpattn.train.loop import TrainConfig
-    from mpattn.train.potential import PotentialConfig
+def test_recorded_settings_skip_fields_of_newer_versions_and_default_unrecorded_ones():
+    """``run_settings`` reads the settings a checkpoint recorded: training and task fields a
+    newer version wrote are left out, unrecorded ones take their defaults (today's for a
+    format-2 checkpoint, the old trainers' for one written before the one-engine change);
+    a model config takes the renamed model's old class defaults; a model field it does not
+    know is an error naming it."""
+    from mpattn.train import EnergyForceTask, PropertyTask, TrainConfig
+    from mpattn.train.runs import OLD_POTENTIAL_DEFAULTS, model_config_of, run_settings
 
-    config = recorded_config(TrainConfig, {"model": "schnet", "epochs": 7, "from_2030": 1})
+    config, task, model, run_info = run_settings({
+        "format": 2, "config": {"model": "schnet", "epochs": 7, "from_2030": 1},
+        "task": {"kind": "property", "target": "gap", "from_2030": [1], "cutoff": None},
+        "model_config": {"cutoff": 4.0}})
+    assert config == TrainConfig(model="schnet", epochs=7)
     assert (config.model, config.epochs, config.lr) == ("schnet", 7, TrainConfig().lr)
-    pot = recorded_config(PotentialConfig, {"model": "schnet", "beta": 0.5, "new": [1]})
-    assert (pot.beta, pot.loss) == (0.5, PotentialConfig(model="schnet").loss)
-    model = recorded_model_config("attention_potential", {"cutoff": 4.0, "vector_features": True})
-    assert (model.cutoff, model.vector_features, model.attention_weights) == (4.0, True,
-                                                                              "softmax")
+    assert task == PropertyTask(target="gap") and run_info == {}
+    assert (model.cutoff, model.dim) == (4.0, 128)  # the rest at SchNetConfig's defaults
+    # a potential run of the old format: the PotentialConfig's defaults of the time
+    pot_config, pot_task, _, _ = run_settings({
+        "config": {"model": "schnet", "beta": 0.5, "new": [1]}, "model": "schnet",
+        "reference": {"elements": [1, 6], "energies": [-13.0, -1030.0], "scale": 1.0},
+        "model_config": {"cutoff": 5.0}})
+    assert pot_task == EnergyForceTask(cutoff=5.0, beta=0.5)
+    assert (pot_config.loss, pot_config.lr, pot_config.batch_size, pot_config.ema_decay) == (
+        OLD_POTENTIAL_DEFAULTS["loss"], 3e-3, 8, 0.99) == ("mse", 3e-3, 8, 0.99)
+    model = model_config_of("attention_potential", {"cutoff": 4.0, "vector_features": True})
+    assert (type(model).__name__, model.cutoff, model.vector_features,
+            model.attention_weights) == ("AttentionConfig", 4.0, True, "softmax")
+    assert model_config_of("attention", {"attention_weights": "silu"}).attention_weights == \
+        "silu"
+    with pytest.raises(ValueError, match=r"schnet: unknown config field\(s\) \['from_2030'\]"):
+        model_config_of("schnet", {"from_2030": 1})
+    with pytest.raises(ValueError, match="unknown task kind 'md'"):
+        run_settings({"format": 2, "config": {}, "task": {"kind": "md"}, "model_config": {}})

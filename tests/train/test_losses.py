@@ -1,4 +1,5 @@
-"""Masked per-graph losses, size weightings (hand-computed) and size sampling."""
+"""Masked per-graph losses, size weightings (hand-computed), size sampling, and the energy and
+force terms of potentials."""
 
 from __future__ import annotations
 
@@ -177,3 +178,51 @@ def test_size_range():
     np.testing.assert_array_equal(size_range(n_atoms), np.arange(6))
     with pytest.raises(ValueError, match="min_atoms 20 > max_atoms 10"):
         size_range(n_atoms, 20, 10)
+
+
+def _padded_graph():
+    """Two real graphs (2 atoms, 1 atom) and a padding graph of 1 atom, as jraph pads."""
+    import jraph
+
+    return jraph.GraphsTuple(nodes={"z": np.array([6, 1, 8, 0])}, edges={},
+                             senders=np.zeros(0, np.int32),
+                             receivers=np.zeros(0, np.int32), globals={},
+                             n_node=np.array([2, 1, 1]), n_edge=np.array([0, 0, 0]))
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_energy_and_force_terms_hand_computed(name):
+    """``energy_term``: mean over the real graphs of ℓ(E - Ê); ``force_term``: mean over the
+    real graphs of Σ_i Σ_k ℓ(F_ik - F̂_ik) / (3 N_g); padding (even NaN) changes neither the
+    values nor their gradients; ``energy_force_loss`` is (1-β) one + β the other."""
+    from mpattn.train.losses import elementwise_loss, energy_force_loss, energy_term, force_term
+
+    graph = _padded_graph()
+    pe, te = np.array([1.0, -2.0, np.nan], np.float32), np.array([0.5, 0.0, 7.0], np.float32)
+    pf = np.array([[1.0, 0.0, -1.0], [2.0, 2.0, 0.0], [0.5, 0.0, 0.0], [np.nan, 1.0, 1.0]],
+                  np.float32)
+    tf = np.array([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 3.0, 0.0], [5.0, 5.0, 5.0]],
+                  np.float32)
+
+    def ell(d):
+        return np.asarray(elementwise_loss(name, jnp.asarray(d, jnp.float32), 0.0), np.float64)
+
+    want_e = (ell(0.5) + ell(-2.0)) / 2
+    per_node = [ell(pf[i] - tf[i]).sum() for i in range(3)]
+    want_f = ((per_node[0] + per_node[1]) / 6 + per_node[2] / 3) / 2
+    e = energy_term(pe, te, graph, loss=name)
+    f = force_term(pf, tf, graph, loss=name)
+    np.testing.assert_allclose([float(e), float(f)], [want_e, want_f], rtol=1e-6)
+    ge = jax.grad(lambda p: energy_term(p, te, graph, loss=name))(jnp.asarray(pe))
+    gf = jax.grad(lambda p: force_term(p, tf, graph, loss=name))(jnp.asarray(pf))
+    assert np.isfinite(ge).all() and np.isfinite(gf).all()
+    assert float(ge[2]) == 0.0 and not np.asarray(gf[3]).any()
+    total, terms = energy_force_loss(pe, pf, te, tf, graph, beta=0.9, loss=name,
+                                     return_terms=True)
+    np.testing.assert_allclose(float(total), 0.1 * want_e + 0.9 * want_f, rtol=1e-6)
+    np.testing.assert_allclose([float(terms["energy"]), float(terms["forces"])],
+                               [want_e, want_f], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"energy_term: shapes differ or are not 1-d"):
+        energy_term(pe[:2], te, graph)
+    with pytest.raises(ValueError, match=r"force_term: shapes differ or are not 2-d"):
+        force_term(pf[:, :2], tf, graph)

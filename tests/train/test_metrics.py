@@ -1,4 +1,4 @@
-"""Error reports against direct numpy on hand-made arrays; the kcal/mol factor."""
+"""Error reports against direct numpy on hand-made arrays; the kcal/mol factor; force metrics."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from mpattn.elements import element_counts
 from mpattn.train.metrics import KCAL_MOL_MEV, error_report
-from mpattn.train.targets import element_counts
 
 ELEMENTS = (1, 6, 7, 8, 9)
 
@@ -86,3 +86,31 @@ def test_errors(molecules):
         error_report(pred, true, n_atoms=n_atoms, counts=counts)
     with pytest.raises(ValueError, match=r"counts has shape \(4, 5\), expected \(4, 2\)"):
         error_report(pred, true, n_atoms=n_atoms, counts=counts, elements=(1, 6))
+
+
+def test_force_metrics_against_numpy():
+    """Energies per structure and per atom (meV), forces per Cartesian component (meV/Å)."""
+    from mpattn.train.metrics import force_metrics
+
+    rng = np.random.default_rng(5)
+    n_atoms = np.array([3, 9, 5])
+    true_e = np.array([-300.0, -1200.5, -640.25])
+    pred_e = true_e + np.array([0.003, -0.018, 0.010])
+    true_f = rng.normal(size=(17, 3))
+    pred_f = true_f + rng.normal(size=(17, 3)) * 0.05
+    m = force_metrics(pred_e, true_e, pred_f, true_f, n_atoms)
+    de = np.array([3.0, -18.0, 10.0])
+    np.testing.assert_allclose([m["energy_mae_mev"], m["energy_rmse_mev"]],
+                               [31 / 3, np.sqrt((9 + 324 + 100) / 3)], rtol=1e-6)
+    np.testing.assert_allclose(m["energy_mae_mev_per_atom"], np.mean(np.abs(de) / n_atoms),
+                               rtol=1e-6)
+    np.testing.assert_allclose(m["energy_rmse_mev_per_atom"],
+                               np.sqrt(np.mean((de / n_atoms) ** 2)), rtol=1e-6)
+    df = 1000 * (pred_f - true_f)
+    np.testing.assert_allclose([m["force_mae_mev_ang"], m["force_rmse_mev_ang"]],
+                               [np.abs(df).mean(), np.sqrt(np.mean(df**2))], rtol=1e-12)
+    assert (m["n_structures"], m["n_atoms"]) == (3, 17)
+    json.dumps(m)  # JSON-able
+    with pytest.raises(ValueError, match=r"force_metrics: \(3,\) / \(3,\) energies for \(3,\) "
+                                         r"structures of 17 atoms, forces \(16, 3\)"):
+        force_metrics(pred_e, true_e, pred_f[:16], true_f[:16], n_atoms)

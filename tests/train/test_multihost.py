@@ -32,17 +32,19 @@ WORKER = textwrap.dedent('''
     from mpattn.data.qm9 import build_qm9, make_split, read_qm9pack
     from mpattn.models import default_config
     from mpattn.train.distributed import agree, process_positions
-    from mpattn.train.loop import TrainConfig, Trainer, prepare, stack_batches
+    from mpattn.train import PropertyTask, TrainConfig, Trainer
+    from mpattn.train.steps import stack_batches
 
     assert jax.device_count() == 2 and jax.process_count() == nproc, jax.devices()
     raw, _ = read_qm9pack(nrows=200)
     ms = build_qm9(raw, workers=1, progress=False)
-    cfg = TrainConfig(model="schnet", batch_size=8, lr=1e-3, schedule="constant", seed=1,
-                      epochs=2, ema_decay=0.99)
-    data = prepare(ms, make_split(ms.ids, sizes=(150, 20, 30), seed=1), cfg)
+    cfg = TrainConfig(model="schnet", loss="l1", batch_size=8, lr=1e-3, schedule="constant",
+                      seed=1, epochs=2, ema_decay=0.99)
+    task = PropertyTask()
+    data = task.prepare(ms, make_split(ms.ids, sizes=(150, 20, 30), seed=1), cfg)
     mcfg = default_config("schnet", interactions=2, dim=32, num_filters=32, num_rbf=16)
     logs = []
-    tr = Trainer(cfg, data, workdir, model_config=mcfg, log=logs.append)
+    tr = Trainer(cfg, task, data, workdir, model_config=mcfg, log=logs.append)
     res = {"positions": process_positions(tr.mesh), "batches": len(tr.loader)}
 
     # the global batch: this process's part holds its own position's batch, nothing more
@@ -62,18 +64,18 @@ WORKER = textwrap.dedent('''
     params = [np.asarray(x) for x in jax.tree.leaves(tr.carry["params"])]
     np.savez(out + ".npz", *params)
 
-    again = Trainer(cfg, data, workdir, model_config=mcfg, log=logs.append)
+    again = Trainer(cfg, task, data, workdir, model_config=mcfg, log=logs.append)
     again.restore("latest")
     res["restored_epoch"] = again.epoch
     res["restored_equal"] = all(
         np.array_equal(np.asarray(a), p)
         for a, p in zip(jax.tree.leaves(again.carry["params"]), params))
-    budget = Trainer(dataclasses.replace(cfg, time_budget_min=1e-9), data,
+    budget = Trainer(dataclasses.replace(cfg, time_budget_min=1e-9), task, data,
                      workdir + "-budget", model_config=mcfg, log=logs.append)
     res["budget_epochs"] = len(budget.fit(progress=False))
     res["logs_after_budget"] = logs
     # three steps per call: scanned steps of globally sharded [3, 2, ...] stacks
-    k3 = Trainer(dataclasses.replace(cfg, steps_per_call=3), data, workdir + "-k3",
+    k3 = Trainer(dataclasses.replace(cfg, steps_per_call=3), task, data, workdir + "-k3",
                  model_config=mcfg, log=lambda _m: None)
     res["k3_calls"] = [k for k, _ in k3._calls(0)]
     res["k3_train_loss"] = [r["train_loss"] for r in k3.fit(progress=False)]

@@ -18,14 +18,18 @@ SCRIPT = textwrap.dedent('''
     from mpattn.data.loader import derive_budgets
     from mpattn.graph import Budget, pad_batch
     from mpattn.models import default_config
-    from mpattn.train.loop import (TrainConfig, build_carry, data_mesh, make_train_step,
-                                   prepare, stack_batches)
+    from mpattn.train import PropertyTask, TrainConfig
+    from mpattn.train.steps import data_mesh, make_train_step, stack_batches
+    from mpattn.train.trainer import build_state
 
     raw, _ = read_qm9pack(nrows=200)
     ms = build_qm9(raw, workers=1, progress=False)
-    cfg = TrainConfig(model="schnet", batch_size=8, lr=1e-3, schedule="constant", seed=1)
+    cfg = TrainConfig(model="schnet", loss="l1", batch_size=8, lr=1e-3, schedule="constant",
+                      seed=1, ema_decay=None)
+    task = PropertyTask()
     split = make_split(ms.ids, sizes=(150, 20, 30), seed=1)
-    gs = prepare(ms, split, cfg).train.graphs
+    data = task.prepare(ms, split, cfg)
+    gs = data.train.graphs
     mcfg = default_config("schnet", interactions=2, dim=32, num_filters=32, num_rbf=16)
     budget = derive_budgets(gs, 8, num_budgets=1)[0]
     idx1, idx2 = np.arange(0, 8), np.arange(8, 16)
@@ -34,9 +38,10 @@ SCRIPT = textwrap.dedent('''
                       Budget(2 * budget.n_node, 2 * budget.n_edge, 17))
 
     def one_step(graphs):
-        _, graphdef, opt, carry = build_carry(cfg, mcfg, steps_per_epoch=10)
-        step = make_train_step(graphdef, opt, cfg)
-        carry, loss = step(carry, graphs)
+        _, graphdef, rest, opt, carry = build_state(cfg, task, data, mcfg, steps_per_epoch=10)
+        assert set(carry) == {"params", "opt", "step"}
+        step = make_train_step(graphdef, opt, cfg, task)
+        carry, loss = step(carry, rest, graphs)
         return float(loss), jax.tree.map(np.asarray, carry["params"])
 
     l2, p2 = one_step(stack_batches([b1, b2], data_mesh(2)))     # two devices

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from mpattn.train.targets import QM9_ELEMENTS, TargetTransform, element_counts
+from mpattn.elements import QM9_ELEMENTS, element_counts
+from mpattn.train.targets import TargetTransform
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +36,13 @@ def test_element_counts_matches_loop(qm9_molset, u0):
 
 
 def test_element_counts_errors():
-    with pytest.raises(ValueError, match=r"atomic numbers 9 \(F\), 17 \(Cl\) not in elements"):
+    with pytest.raises(ValueError, match=r"atomic numbers 9 \(F\), 17 \(Cl\) not in elements "
+                                         r"1 \(H\), 6 \(C\) \(first in structure 0\)"):
         element_counts([1, 9, 17, 6], [4], (1, 6))
-    with pytest.raises(ValueError, match="n_node sums to 3 but z has 4 atoms"):
+    with pytest.raises(ValueError, match=r"\(first in structure 1\)"):
+        element_counts([1, 6, 6, 9, 1], [3, 2], (1, 6))
+    with pytest.raises(ValueError, match="element_counts: 4 atomic numbers for structures of 3 "
+                                         "atoms in all"):
         element_counts([1, 1, 6, 6], [1, 2], (1, 6))
 
 
