@@ -13,8 +13,6 @@ import functools
 import json
 
 import jax
-import jax.numpy as jnp
-import jraph
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -30,8 +28,6 @@ from mpattn.potential import (
     fit_reference,
 )
 from mpattn.testing import random_rotation
-from mpattn.train.losses import energy_force_loss, energy_term, force_term
-from mpattn.train.metrics import force_metrics
 from tests.potential_helpers import (
     CFG,
     MOL,
@@ -170,96 +166,6 @@ def test_padding_never_changes_real_graphs(pots, kind):
                                atol=1e-6)
     np.testing.assert_array_equal(forces[12:], 0.0)
     np.testing.assert_array_equal(energy[2:], 0.0)
-
-
-# ------------------------------------------------------------------ loss and metrics
-# (mpattn.train.losses.energy_force_loss and mpattn.train.metrics.force_metrics, which were
-# in models/potential.py; they may move to tests/train/ with the other loss and metric tests)
-
-
-def _loss_case():
-    rng = np.random.default_rng(3)
-    n_node = np.array([3, 2, 4, 0], np.int32)  # two real graphs, the padding graph, one empty
-    graph = jraph.GraphsTuple(nodes={"z": np.zeros(9, np.int32)}, edges={},
-                              senders=np.zeros(0, np.int32), receivers=np.zeros(0, np.int32),
-                              n_node=n_node, n_edge=np.zeros(4, np.int32), globals={})
-    pe, te = rng.normal(size=4), rng.normal(size=4)
-    pf, tf = rng.normal(size=(9, 3)), rng.normal(size=(9, 3))
-    pe[2:], pf[5:] = np.nan, 1e6  # padding junk must not count
-    return graph, pe, te, pf, tf
-
-
-@pytest.mark.parametrize("loss", ["mse", "l1", "huber"])
-@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
-def test_energy_force_loss_by_hand(loss, beta):
-    graph, pe, te, pf, tf = _loss_case()
-
-    def ell(d):
-        if loss == "mse":
-            return d * d
-        if loss == "l1":
-            return abs(d)
-        return 0.5 * d * d if abs(d) <= 0.5 else 0.5 * (abs(d) - 0.25)
-
-    e_term = (ell(pe[0] - te[0]) + ell(pe[1] - te[1])) / 2
-    f_terms = []
-    for lo, n in ((0, 3), (3, 2)):
-        s = sum(ell(pf[i, k] - tf[i, k]) for i in range(lo, lo + n) for k in range(3))
-        f_terms.append(s / (3 * n))
-    expected = (1 - beta) * e_term + beta * np.mean(f_terms)
-    (got, terms), grads = _loss_and_grad(*(jnp.asarray(x, jnp.float32) for x in
-                                           (pe, pf, te, tf)), graph, beta, loss)
-    np.testing.assert_allclose(got, expected, rtol=1e-5)
-    np.testing.assert_allclose([terms["energy"], terms["forces"]], [e_term, np.mean(f_terms)],
-                               rtol=1e-5)
-    np.testing.assert_array_equal(grads[0][2:], 0.0)  # no NaN leaks from padding
-    np.testing.assert_array_equal(grads[1][5:], 0.0)
-    assert all(np.isfinite(g).all() for g in grads)
-
-
-@functools.partial(jax.jit, static_argnums=6)
-def _loss_and_grad(pe, pf, te, tf, graph, beta, loss):
-    def f(pe, pf):
-        total, terms = energy_force_loss(pe, pf, te, tf, graph, beta=beta, loss=loss,
-                                         huber_delta=0.5, return_terms=True)
-        return total, terms
-
-    return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(pe, pf)
-
-
-def test_energy_force_loss_errors():
-    graph, pe, te, pf, tf = _loss_case()
-    with pytest.raises(ValueError, match=r"beta must be in \[0, 1\], got 1.5"):
-        energy_force_loss(pe, pf, te, tf, graph, beta=1.5)
-    with pytest.raises(ValueError, match="unknown loss 'l2'; choose one of mse, l1, huber"):
-        energy_force_loss(pe, pf, te, tf, graph, beta=0.5, loss="l2")
-    with pytest.raises(ValueError, match=r"energy_force_loss: shapes differ: pred_e \(3,\), "
-                                         r"true_e \(4,\), pred_f \(9, 3\), true_f \(9, 3\)"):
-        energy_force_loss(pe[:3], pf, te, tf, graph, beta=0.5)
-    with pytest.raises(ValueError, match=r"energy_force_loss: shapes differ: .* pred_f "
-                                         r"\(8, 3\), true_f \(9, 3\)"):
-        energy_force_loss(pe, pf[:8], te, tf, graph, beta=0.5)
-    # each term checks its own pair of arrays
-    with pytest.raises(ValueError, match=r"energy_term: shapes differ or are not 1-d: "
-                                         r"pred \(3,\), true \(4,\)"):
-        energy_term(pe[:3], te, graph)
-    with pytest.raises(ValueError, match=r"force_term: shapes differ or are not 2-d: "
-                                         r"pred \(8, 3\), true \(9, 3\)"):
-        force_term(pf[:8], tf, graph)
-
-
-def test_force_metrics_by_hand():
-    m = force_metrics(pred_e=[1.0, 2.0], true_e=[1.003, 1.99], n_atoms=[1, 2],
-                      pred_f=[[0.0, 0.0, 0.01], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]],
-                      true_f=np.zeros((3, 3)))
-    # energy errors 3 and 10 meV; per atom 3 and 5; one force component of 10 meV/Å in 9
-    np.testing.assert_allclose(
-        [m["energy_mae_mev"], m["energy_rmse_mev"], m["energy_mae_mev_per_atom"],
-         m["energy_rmse_mev_per_atom"], m["force_mae_mev_ang"], m["force_rmse_mev_ang"]],
-        [6.5, np.sqrt(109 / 2), 4.0, np.sqrt(17), 10 / 9, np.sqrt(100 / 9)], rtol=1e-9)
-    assert (m["n_structures"], m["n_atoms"]) == (2, 3)
-    with pytest.raises(ValueError, match="force_metrics: "):
-        force_metrics([1.0], [1.0], np.zeros((2, 3)), np.zeros((2, 3)), [1])
 
 
 # ------------------------------------------------------------------ reference and state

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mpattn.elements import element_counts
-from mpattn.train.metrics import KCAL_MOL_MEV, error_report
+from mpattn.train.metrics import KCAL_MOL_MEV, error_report, force_metrics
 
 ELEMENTS = (1, 6, 7, 8, 9)
 
@@ -114,3 +114,17 @@ def test_force_metrics_against_numpy():
     with pytest.raises(ValueError, match=r"force_metrics: \(3,\) / \(3,\) energies for \(3,\) "
                                          r"structures of 17 atoms, forces \(16, 3\)"):
         force_metrics(pred_e, true_e, pred_f[:16], true_f[:16], n_atoms)
+
+
+def test_force_metrics_by_hand():
+    m = force_metrics(pred_e=[1.0, 2.0], true_e=[1.003, 1.99], n_atoms=[1, 2],
+                      pred_f=[[0.0, 0.0, 0.01], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]],
+                      true_f=np.zeros((3, 3)))
+    # energy errors 3 and 10 meV; per atom 3 and 5; one force component of 10 meV/Å in 9
+    np.testing.assert_allclose(
+        [m["energy_mae_mev"], m["energy_rmse_mev"], m["energy_mae_mev_per_atom"],
+         m["energy_rmse_mev_per_atom"], m["force_mae_mev_ang"], m["force_rmse_mev_ang"]],
+        [6.5, np.sqrt(109 / 2), 4.0, np.sqrt(17), 10 / 9, np.sqrt(100 / 9)], rtol=1e-9)
+    assert (m["n_structures"], m["n_atoms"]) == (2, 3)
+    with pytest.raises(ValueError, match="force_metrics: "):
+        force_metrics([1.0], [1.0], np.zeros((2, 3)), np.zeros((2, 3)), [1])
