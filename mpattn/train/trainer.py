@@ -102,7 +102,11 @@ class Trainer:
         self.workdir = Path(workdir)
         if self.workdir.exists() and not self.workdir.is_dir():
             raise ValueError(f"--workdir {self.workdir}: exists and is not a folder")
-        self.model_config = task.model_config(model_config or default_config(config.model))
+        default = default_config(config.model)
+        if model_config is not None and type(model_config) is not type(default):
+            raise ValueError(f"model_config is a {type(model_config).__name__}, but --model "
+                             f"{config.model!r} takes a {type(default).__name__}")
+        self.model_config = task.model_config(model_config or default)
         # with several devices every batch of a step must have the same shape, and the steps
         # of one call too: one budget (greedy packing cuts by the largest budget either way,
         # so the batches hold the same structures; only their padding grows)

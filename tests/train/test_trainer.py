@@ -99,6 +99,11 @@ def test_trainer_checks_its_config_and_workdir_before_writing_anything(qm9_molse
     with pytest.raises(ValueError, match=r"x64=True needs "
                                          r"jax.config.update\('jax_enable_x64', True\) first"):
         Trainer(_config(x64=True), TASK, data, work, log=quiet)
+    from mpattn.models import default_config
+
+    with pytest.raises(ValueError, match=r"^model_config is a AttentionConfig, but --model "
+                                         r"'schnet' takes a SchNetConfig"):
+        Trainer(cfg, TASK, data, work, model_config=default_config("attention"), log=quiet)
     assert not work.exists()
     # a workdir that is an existing file
     work.write_text("not a folder\n")
