@@ -48,6 +48,15 @@ the mean number of neighbours within 5 Å in QM9 (15.6 over 3,000 random molecul
 summed weights start near the size of normalised ones."""
 
 
+def _edge_logits(q, k, v, senders, receivers, bias):
+    """``q[r_e] · k[s_e] / sqrt(head_dim) (+ bias[e])`` [E, H], after checking the shapes."""
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1] or k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"q, k, v must be [num_nodes, num_heads, dim] with equal num_nodes and "
+                         f"num_heads (and q, k equal dim), got {q.shape}, {k.shape}, {v.shape}")
+    logits = jnp.sum(q[receivers] * k[senders], axis=-1) * (1.0 / math.sqrt(q.shape[-1]))
+    return logits if bias is None else logits + bias
+
+
 def graph_attention(
     q: Float[Array, "num_nodes num_heads head_dim"],
     k: Float[Array, "num_nodes num_heads head_dim"],
@@ -86,13 +95,7 @@ def graph_attention(
 
     Reference: Vaswani et al., NeurIPS 2017, eq. 1, with the softmax over graph neighbours.
     """
-    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1] or k.shape[:2] != v.shape[:2]:
-        raise ValueError(f"q, k, v must be [num_nodes, num_heads, dim] with equal num_nodes and "
-                         f"num_heads (and q, k equal dim), got {q.shape}, {k.shape}, {v.shape}")
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.sum(q[receivers] * k[senders], axis=-1) * scale  # [E, H]
-    if bias is not None:
-        logits = logits + bias
+    logits = _edge_logits(q, k, v, senders, receivers, bias)
     alpha = segment_softmax(logits, receivers, num_segments=num_segments, mask=mask)
     out = segment_sum(alpha[..., None] * v[senders], receivers, num_segments=num_segments)
     return (out, alpha) if return_weights else out
@@ -147,10 +150,7 @@ def smooth_graph_attention(
     Reference: Unke et al., SpookyNet (Nat. Commun. 2021) for smooth attention at a cutoff;
     Thölke & De Fabritiis, TorchMD-Net (ICLR 2022) for silu weights.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.sum(q[receivers] * k[senders], axis=-1) * scale  # [E, H]
-    if bias is not None:
-        logits = logits + bias
+    logits = _edge_logits(q, k, v, senders, receivers, bias)
     env = envelope[:, None]
     if weights == "silu":
         alpha = jax.nn.silu(logits) * (env / SUM_NEIGHBOURS)

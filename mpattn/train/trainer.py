@@ -257,18 +257,18 @@ class Trainer:
             pred = {k: np.asarray(v, np.float64) for k, v in
                     self.predict_step(params, self.rest, b).items()}
             ids = np.asarray(b.globals["id"])
+            real = np.nonzero(ids >= 0)[0]
+            places = np.array([where[int(i)] for i in ids[real]], np.int64)
             start = np.concatenate([[0], np.cumsum(b.n_node)])
             for name, value in pred.items():
                 if name not in out:
                     rows = len(gs) if kinds[name] == "graph" else int(offsets[-1])
                     out[name] = np.zeros((rows,) + value.shape[1:], np.float64)
-            for k in np.nonzero(ids >= 0)[0]:
-                p = where[int(ids[k])]
-                for name, value in pred.items():
-                    if kinds[name] == "graph":
-                        out[name][p] = value[k]
-                    else:
-                        out[name][offsets[p]:offsets[p + 1]] = value[start[k]:start[k + 1]]
+                if kinds[name] == "graph":
+                    out[name][places] = value[real]
+                    continue
+                for k, p in zip(real, places, strict=True):
+                    out[name][offsets[p]:offsets[p + 1]] = value[start[k]:start[k + 1]]
         return out
 
     def report(self, part) -> dict:
