@@ -12,7 +12,6 @@ file written, with a one-line message that names the option.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -101,7 +100,3 @@ class TrainConfig:
         if not self.checkpoint_every_s >= 0:
             raise bad("checkpoint_every_s", "must be >= 0")
         return self
-
-    def replace(self, **changes) -> TrainConfig:
-        """A copy with ``changes`` (``dataclasses.replace``)."""
-        return dataclasses.replace(self, **changes)
