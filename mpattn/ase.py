@@ -28,16 +28,11 @@ from __future__ import annotations
 import numpy as np
 from ase.calculators.calculator import Calculator as _AseCalculator
 from ase.calculators.calculator import all_changes
-from ase.data import chemical_symbols
 
+from mpattn.elements import symbols
 from mpattn.neighbors import BudgetPolicy, neighbor_graph
 
 __all__ = ["Calculator"]
-
-
-def _symbols(zs) -> list[str]:
-    return [chemical_symbols[int(z)] if 0 <= int(z) < len(chemical_symbols) else str(int(z))
-            for z in zs]
 
 
 class Calculator(_AseCalculator):
@@ -156,8 +151,8 @@ class Calculator(_AseCalculator):
         z = np.unique(np.asarray(numbers, np.int64))
         unknown = [int(v) for v in z if int(v) not in self.elements]
         if unknown:
-            raise ValueError(f"mpattn Calculator: element(s) {_symbols(unknown)} unknown to "
-                             f"this potential, which knows {_symbols(self.elements)}")
+            raise ValueError(f"mpattn Calculator: element(s) {symbols(unknown)} unknown to "
+                             f"this potential, which knows {symbols(self.elements)}")
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         """Energy, free energy (equal) and forces of ``atoms`` (ase calls this)."""
