@@ -5,6 +5,7 @@ input and the command line."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -43,7 +44,7 @@ def second_workdir(workdir) -> Path:
     """Another tiny SchNet run (seed 2: other initial weights and split) for ensembles."""
     from experiments.qm9_u0 import run
 
-    run(CONFIG.replace(seed=2), TASK, workdir=workdir.parent / "run2", sizes=SIZES,
+    run(dataclasses.replace(CONFIG, seed=2), TASK, workdir=workdir.parent / "run2", sizes=SIZES,
         dataset_cache=workdir.parent / "qm9-slice.npz",
         model_config=default_config("schnet", **TINY), progress=False, log=lambda *_: None)
     return workdir.parent / "run2"

@@ -262,6 +262,8 @@ CHILD = textwrap.dedent(
     print("ready", flush=True)
     ckpt.save(step, state, meta={"step": step})
     print("done", flush=True)
+    import time
+    time.sleep(120)  # alive until killed: a save that ends before the kill is not an exit
     """
 )
 
