@@ -1,17 +1,26 @@
-"""ASE calculator for trained potentials: energy, free energy and forces of any structure.
+"""ASE calculator for trained potentials: energy, free energy, forces and (periodic cells)
+stress of any structure.
 
 ``Calculator(workdir)`` loads a trained potential with :func:`mpattn.load_run`;
 :meth:`Calculator.from_potential` wraps one in
 memory. Each evaluation builds the structure's radius graph with
 :func:`mpattn.neighbors.neighbor_graph` (vesin; periodic cells included), padded to a budget
 with headroom from :class:`mpattn.neighbors.BudgetPolicy`, and calls one jit-compiled
-:func:`mpattn.potential.energy_and_forces` per budget: MD steps and structures of other
-sizes that fit the budget reuse the compiled function; a structure that overflows it grows
-the budget once (counted in :attr:`Calculator.budget_growths`, logged on ``"mpattn"``).
+:func:`mpattn.potential.energy_forces_stress` per budget (energy, forces and stress come
+from one gradient, so every property is computed at once): MD steps, cell relaxations and
+structures of other sizes that fit the budget reuse the compiled function; a structure that
+overflows it grows the budget once (counted in :attr:`Calculator.budget_growths`, logged on
+``"mpattn"``).
+
+Stress (``σ = (1/V) ∂E/∂ε``, the strain derivative of the energy, ASE's sign and Voigt order,
+eV/Å³) is reported for cells periodic in all three directions (what ``FrechetCellFilter``
+relaxations and NPT dynamics ask for); asking it of a molecule raises ASE's
+``PropertyNotImplementedError``.
 
 The per-element reference energy ``Σ_e n_e E_e`` is added on the host in float64 (the network
 part is computed in the model's dtype): in float32 a total energy of a few thousand eV would
-otherwise be rounded to ~0.5 meV, which is visible in NVE energy-conservation tests.
+otherwise be rounded to ~0.5 meV, which is visible in NVE energy-conservation tests. It
+depends on the atom counts only, not on the strain, so the stress needs no correction.
 
 Example::
 
@@ -21,13 +30,15 @@ Example::
     atoms = molecule("CH3CH2OH")
     atoms.calc = Calculator("runs/ethanol")
     atoms.get_potential_energy(), atoms.get_forces()
+    # atoms.get_stress() (Voigt [6], eV/Å³) once atoms has a cell and pbc=True
 """
 
 from __future__ import annotations
 
 import numpy as np
 from ase.calculators.calculator import Calculator as _AseCalculator
-from ase.calculators.calculator import all_changes
+from ase.calculators.calculator import PropertyNotImplementedError, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
 
 from mpattn.elements import symbols
 from mpattn.neighbors import BudgetPolicy, neighbor_graph
@@ -38,7 +49,9 @@ __all__ = ["Calculator"]
 class Calculator(_AseCalculator):
     """An ``ase`` calculator for an :class:`mpattn.potential.Potential`.
 
-    Results: ``energy`` = ``free_energy`` (eV, float) and ``forces`` (eV/Å, float64 [n, 3]).
+    Results: ``energy`` = ``free_energy`` (eV, float), ``forces`` (eV/Å, float64 [n, 3]) and,
+    for cells periodic in all three directions, ``stress`` (eV/Å³, float64 Voigt [6]: xx, yy,
+    zz, yz, xz, xy, as ASE orders it).
 
     Args:
         workdir: a training run's directory (read by
@@ -61,7 +74,7 @@ class Calculator(_AseCalculator):
         budget_growths: how many times the padding budget grew.
     """
 
-    implemented_properties = ["energy", "free_energy", "forces"]
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
     def __init__(self, workdir=None, *, which: str = "best", dtype=None,
                  cutoff: float | None = None, policy: BudgetPolicy | None = None,
@@ -92,7 +105,7 @@ class Calculator(_AseCalculator):
         import jax.numpy as jnp
         from flax import nnx
 
-        from mpattn.potential import Potential, energy_and_forces
+        from mpattn.potential import Potential, energy_forces_stress
 
         if not isinstance(potential, Potential):
             raise TypeError(f"Calculator needs an mpattn Potential, got {type(potential)}")
@@ -122,11 +135,11 @@ class Calculator(_AseCalculator):
         self._leaves = [x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
                         for x in leaves]
 
-        def mpattn_energy_forces(leaves, graph):
+        def mpattn_energy_forces_stress(leaves, graph):
             pot = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-            return energy_and_forces(pot, graph, reference=False)
+            return energy_forces_stress(pot, graph, reference=False)
 
-        self._fn = jax.jit(mpattn_energy_forces)
+        self._fn = jax.jit(mpattn_energy_forces_stress)
         self._shapes: set = set()
 
     @property
@@ -155,15 +168,26 @@ class Calculator(_AseCalculator):
                              f"this potential, which knows {symbols(self.elements)}")
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-        """Energy, free energy (equal) and forces of ``atoms`` (ase calls this)."""
+        """Energy, free energy (equal), forces and, for a periodic cell, stress of ``atoms``
+        (ase calls this).
+
+        Raises:
+            PropertyNotImplementedError: ``"stress"`` asked of a structure that is not
+                periodic in all three directions.
+        """
         _AseCalculator.calculate(self, atoms, properties, system_changes)
         atoms = self.atoms
+        periodic = bool(np.all(atoms.pbc))
+        if "stress" in properties and not periodic:
+            raise PropertyNotImplementedError(
+                "mpattn Calculator: stress needs a cell periodic in all three directions "
+                f"(pbc={atoms.pbc.tolist()}); a molecule or slab has no volume to divide by")
         z = atoms.get_atomic_numbers()
         self.check_elements(z)
         graph, budget = neighbor_graph(atoms, self.cutoff, self.policy.budget,
                                        policy=self.policy, dtype=self.dtype)
         self._shapes.add((budget.n_node, budget.n_edge, budget.n_graph))
-        energy, forces = self._fn(self._leaves, graph)
+        energy, forces, stress = self._fn(self._leaves, graph)
         n = len(atoms)
         e = float(np.asarray(energy)[0]) + float(self._ref_table[z].sum())
         self.results = {
@@ -171,3 +195,6 @@ class Calculator(_AseCalculator):
             "free_energy": e,
             "forces": np.asarray(forces, np.float64)[:n].copy(),
         }
+        if periodic:
+            self.results["stress"] = full_3x3_to_voigt_6_stress(
+                np.asarray(stress, np.float64)[0])

@@ -14,7 +14,8 @@ twice the cutoff) in exactly the layout of :meth:`mpattn.data.frames.FrameSet.to
 padded by :func:`mpattn.graph.pad_batch`, so a potential sees in MD what it saw in training:
 ``nodes`` ``z`` int32[N], ``positions`` [N, 3], ``features`` float32[N, 0]; ``edges``
 ``bond`` int32[E] (all 4, not bonded) and ``shift`` [E, 3] Å (the edge vector is
-``positions[s] - positions[r] + shift``; zeros for molecules); ``globals`` empty.
+``positions[s] - positions[r] + shift``; zeros for molecules); ``globals``
+``cell`` [G, 3, 3] Å (zeros for molecules: the volume of a stress).
 """
 
 from __future__ import annotations
@@ -237,7 +238,11 @@ def neighbor_graph(system, cutoff: float, budget: Budget | None = None, *,
 
     Returns:
         ``(graph, budget)``: a ``jraph.GraphsTuple`` of numpy arrays with one real graph and
-        the padding graph(s) (layout: the module docstring) and the :class:`Budget` used.
+        the padding graph(s) (layout: the module docstring, but ``globals`` holds ``"cell"``
+        [budget.n_graph, 3, 3] in ``dtype``: the structure's cell in row 0, zeros for a
+        molecule and for the padding graphs, whence
+        :func:`mpattn.potential.energy_forces_stress` takes the volume) and the
+        :class:`Budget` used.
 
     Raises:
         ValueError: for a mixed-periodicity cell, or inconsistent arrays.
@@ -249,4 +254,8 @@ def neighbor_graph(system, cutoff: float, budget: Budget | None = None, *,
     if budget is None or not budget.fits(len(z), len(s), 1):
         budget = (policy or BudgetPolicy()).fit(len(z), len(s))
     pair = np.arange(len(s), dtype=np.int32) // 2  # "pairs" lists each pair's edges together
-    return pad_structure(z, pos, s, r, shift, budget, dtype=dtype, pair=pair), budget
+    graph = pad_structure(z, pos, s, r, shift, budget, dtype=dtype, pair=pair)
+    cells = np.zeros((budget.n_graph, 3, 3), dtype)
+    if cell is not None:
+        cells[0] = cell
+    return graph._replace(globals={"cell": cells}), budget

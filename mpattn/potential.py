@@ -9,12 +9,17 @@ per-element reference energies.
   checkpoints of ``nnx.state(potential)``, and stay out of ``nnx.split(m, nnx.Param, ...)``.
 - :func:`energy_and_forces`: ``F = -∂E/∂R`` by ``jax.grad`` through ``nodes["positions"]``;
   models recompute distances from positions (and the constant ``edges["shift"]``).
+- :func:`energy_forces_stress`: the same forces and the stress ``σ = (1/V) ∂E/∂ε`` from one
+  gradient through the positions and a per-graph symmetric strain ``ε`` that deforms the
+  positions and the image shifts alike (``r -> r (I + ε)``); the volume from
+  ``globals["cell"]``, stress 0 where it is 0 (molecules, padding).
 
 Graphs must be padded as jraph does (every batch of the library is): the last graph holding
 nodes is the padding graph, whose energy is 0 and whose nodes get zero force.
 
 Reference: Frank, Unke & Müller, "So3krates", NeurIPS 2022 (linear energy correction);
-Schütt et al., J. Chem. Phys. 148, 241722 (2018) (per-atom energies).
+Schütt et al., J. Chem. Phys. 148, 241722 (2018) (per-atom energies); Nielsen & Martin,
+Phys. Rev. B 32, 3780 (1985) (stress as the strain derivative of the energy).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ __all__ = [
     "Reference",
     "ReferenceState",
     "energy_and_forces",
+    "energy_forces_stress",
     "fit_reference",
 ]
 
@@ -209,16 +215,91 @@ def energy_and_forces(potential, graph: jraph.GraphsTuple, *, reference: bool = 
         graph: a jraph-padded batch.
         reference: passed to a :class:`Potential` (add the per-element reference).
     """
-    gmask = graph_mask(graph)
+    energy, forces, _ = _energy_gradients(potential, graph, reference=reference, strain=False)
+    return energy, forces
 
-    def total(positions):
-        g = graph._replace(nodes={**graph.nodes, "positions": positions})
+
+def energy_forces_stress(potential, graph: jraph.GraphsTuple, *, reference: bool = True
+                         ) -> tuple[Float[Array, " num_graphs"], Float[Array, "num_nodes 3"],
+                                    Float[Array, "num_graphs 3 3"]]:
+    """Energies, forces and stress ``σ = (1/V) ∂E/∂ε`` of a padded batch (pure, jit-able).
+
+    One gradient pass, with respect to the positions and to a symmetric strain ``ε_g``
+    [num_graphs, 3, 3] at 0 applied to each graph as ``r -> r (I + ε_g)`` on the positions
+    of its nodes *and* on the image shifts of its edges (the cell deforms with the atoms, as
+    ASE's ``set_cell(cell @ (I + ε), scale_atoms=True)``). The sign is ASE's: positive
+    stress is tensile, ``atoms.get_stress()`` (without the ideal-gas term) is the Voigt form
+    of ``σ`` in eV/Å³. Forces equal :func:`energy_and_forces`'.
+
+    ``V = |det cell_g|`` from ``graph.globals["cell"]`` [num_graphs, 3, 3] (as
+    :func:`mpattn.neighbors.neighbor_graph` gives it). Graphs of volume 0 (molecules, whose
+    cell is zero, and padding graphs) get stress 0.
+
+    Args:
+        potential: a :class:`Potential`, or any ``fn(graph)`` returning an output mapping
+            with ``"energy"`` [num_graphs].
+        graph: a jraph-padded batch with ``globals["cell"]``.
+        reference: passed to a :class:`Potential` (add the per-element reference; it does not
+            depend on the strain).
+
+    Returns:
+        ``(energy [num_graphs], forces [num_nodes, 3], stress [num_graphs, 3, 3])``.
+
+    Raises:
+        ValueError: if the graph has no ``globals["cell"]`` of shape [num_graphs, 3, 3].
+    """
+    glob = graph.globals if isinstance(graph.globals, dict) else {}
+    num_graphs = jnp.shape(graph.n_node)[0]
+    if "cell" not in glob or jnp.shape(glob["cell"]) != (num_graphs, 3, 3):
+        raise ValueError("energy_forces_stress needs graph.globals['cell'] of shape "
+                         f"({num_graphs}, 3, 3) (zeros for molecules; "
+                         "mpattn.neighbors.neighbor_graph adds it), got "
+                         f"{jnp.shape(glob['cell']) if 'cell' in glob else 'none'}")
+    energy, forces, de_deps = _energy_gradients(potential, graph, reference=reference,
+                                                strain=True)
+    volume = jnp.abs(jnp.linalg.det(jnp.asarray(glob["cell"]).astype(de_deps.dtype)))
+    ok = graph_mask(graph) & (volume > 0)
+    safe = jnp.where(ok, volume, 1)  # no 0/0 in either branch
+    stress = jnp.where(ok[:, None, None], de_deps / safe[:, None, None], 0)
+    return energy, forces, stress
+
+
+def _energy_gradients(potential, graph: jraph.GraphsTuple, *, reference: bool, strain: bool):
+    """``(energy [G], forces [N, 3], ∂E/∂ε [G, 3, 3] or None)`` from one ``value_and_grad``.
+
+    The strain (``strain=True``) is symmetrised inside (``(ε + εᵀ)/2``), so its gradient is
+    the symmetric part of the Cartesian one, the derivative for symmetric strains that ASE's
+    finite differences take.
+    """
+    gmask = graph_mask(graph)
+    pos = jnp.asarray(graph.nodes["positions"])
+    shift = graph.edges.get("shift") if isinstance(graph.edges, dict) else None
+    num_graphs = jnp.shape(graph.n_node)[0]
+    if strain:  # the graph of each node and edge (static lengths: jit-able)
+        graph_ids = jnp.arange(num_graphs)
+        node_graph = jnp.repeat(graph_ids, jnp.asarray(graph.n_node),
+                                total_repeat_length=pos.shape[0])
+        edge_graph = jnp.repeat(graph_ids, jnp.asarray(graph.n_edge),
+                                total_repeat_length=jnp.shape(graph.senders)[0])
+
+    def total(positions, eps=None):
+        nodes, edges = {**graph.nodes, "positions": positions}, graph.edges
+        if eps is not None:
+            eps = 0.5 * (eps + jnp.swapaxes(eps, -1, -2))
+            nodes["positions"] = positions + jnp.einsum("ni,nij->nj", positions,
+                                                        eps[node_graph])
+            if shift is not None:
+                sh = jnp.asarray(shift)
+                edges = {**edges, "shift": sh + jnp.einsum(
+                    "ei,eij->ej", sh, eps[edge_graph].astype(sh.dtype))}
+        g = graph._replace(nodes=nodes, edges=edges)
         out = potential(g, reference=reference) if isinstance(potential, Potential) \
             else potential(g)
         e = jnp.where(gmask, out["energy"], 0)
         return jnp.sum(e), e
 
-    pos = jnp.asarray(graph.nodes["positions"])
-    (_, energy), grad = jax.value_and_grad(total, has_aux=True)(pos)
-    forces = jnp.where(node_mask(graph)[:, None], -grad, 0)
-    return energy, forces
+    args = (pos, jnp.zeros((num_graphs, 3, 3), pos.dtype)) if strain else (pos,)
+    (_, energy), grads = jax.value_and_grad(total, argnums=tuple(range(len(args))),
+                                            has_aux=True)(*args)
+    forces = jnp.where(node_mask(graph)[:, None], -grads[0], 0)
+    return energy, forces, grads[1] if strain else None
