@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.config_file import CONFIG_NAME, parse_with_config, write_config
 from experiments.configs.qm9 import PRESETS
 from experiments.planning import Replan, plan_epochs
 from mpattn.data.qm9 import TARGETS
@@ -93,7 +94,7 @@ def _planned(config, task, data, model_config, *, resumed, log):
 def run(config: TrainConfig, task: PropertyTask | None = None, *, workdir, sizes=None,
         split_file=None, resume: bool = False, dataset_cache=None, model_config=None,
         preset: str | None = None, plan: bool = False, progress: bool = True,
-        log=print) -> dict:
+        log=print, options: dict | None = None) -> dict:
     """Train and evaluate on QM9; writes results.json, metrics.csv, predictions.csv (val and
     test, per molecule), plots, checkpoints, split.
 
@@ -112,6 +113,8 @@ def run(config: TrainConfig, task: PropertyTask | None = None, *, workdir, sizes
             on a trial trainer whose compiled steps the run reuses) and re-fit the plan to the
             run's pace during its first half (``experiments/planning.py``); with ``resume``,
             the epochs the run planned.
+        options: the command-line options as run, written to ``WORKDIR/config.toml`` (not
+            on ``resume``) once the settings are checked.
 
     Raises:
         ValueError: a setting that cannot work (before any data is read or file written),
@@ -153,6 +156,9 @@ def run(config: TrainConfig, task: PropertyTask | None = None, *, workdir, sizes
                              "(leave those options out) or start a new --workdir")
         plan = plan and bool(resumed.get("run_info", {}).get("planned"))
     workdir.mkdir(parents=True, exist_ok=True)
+    if options is not None and primary and not resume:
+        write_config(workdir / CONFIG_NAME, options,
+                     header=f"python -m experiments.qm9_u0 --config {workdir / CONFIG_NAME}")
     ms = load_molset(Path(dataset_cache)) if dataset_cache else load_qm9(progress=progress,
                                                                           log=log)
     if split_file is not None:
@@ -244,6 +250,8 @@ def _default_preset() -> tuple[str, str]:
 def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m experiments.qm9_u0",
                                  description=__doc__.split("\n")[0])
+    ap.add_argument("--config", help="TOML file of these options (the command line wins); "
+                    "every run writes its own as WORKDIR/config.toml")
     ap.add_argument("--model", default=None, choices=model_names(),
                     help="default: the preset's (attention; mhmp for --preset thesis)")
     ap.add_argument("--preset", default=None, choices=list(PRESETS),
@@ -308,7 +316,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--num-processes", type=int, help="processes of the run (--coordinator)")
     ap.add_argument("--process-id", type=int, help="this process's index (--coordinator)")
     ap.add_argument("--no-progress", action="store_true")
-    return ap.parse_args(argv)
+    return parse_with_config(ap, argv)
 
 
 TRAIN_OPTIONS = ("epochs", "time_budget_min", "batch_size", "lr", "loss", "schedule", "seed",
@@ -385,6 +393,20 @@ def settings(args, say=print):
     return config, task, model_config, sizes, plan
 
 
+def _resolved(args, config, task, sizes, plan) -> dict:
+    """The options as run (the preset's values filled in), for ``config.toml``."""
+    options = dict(vars(args))
+    options |= {k: getattr(config, k) for k in TRAIN_OPTIONS}
+    options |= {k: getattr(task, k) for k in TASK_OPTIONS}
+    terms = {t.name: t for t in task.aux}
+    options |= {"denoise_sigma": terms["denoise"].sigma if "denoise" in terms else 0.0,
+                "denoise_weight": terms["denoise"].weight if "denoise" in terms else None,
+                "dipole_weight": terms["dipole"].weight if "dipole" in terms else 0.0,
+                "model": config.model, "train_size": sizes[0], "val_size": sizes[1],
+                "test_size": sizes[2], "epochs": None if plan else config.epochs}
+    return options
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     if args.distributed or args.coordinator:  # before anything else touches JAX
@@ -403,7 +425,8 @@ def main(argv=None) -> int:
         results = run(config, task, workdir=args.workdir, sizes=sizes,
                       split_file=args.split_file, resume=args.resume,
                       dataset_cache=args.dataset_cache, model_config=model_config,
-                      preset=args.preset, plan=plan, progress=not args.no_progress)
+                      preset=args.preset, plan=plan, progress=not args.no_progress,
+                      options=_resolved(args, config, task, sizes, plan))
     except (ValueError, json.JSONDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,19 +1,13 @@
-"""Structures with reference energies and forces (for potentials): extended XYZ and rMD17.
+"""Reading structures with reference energies, forces and stress, and splitting them.
 
-A :class:`FrameSet` holds ``F`` frames with ``N`` atoms in total, laid out frame after frame
-as a :class:`~mpattn.data.graphset.GraphSet` is (``n_atoms`` per frame, offsets from it):
-
-- ``z``: int32[N] atomic numbers; ``positions``: float64[N, 3] Å
-- ``energy``: float64[F] eV; ``forces``: float64[N, 3] eV/Å, or ``None`` when the data has none
-- ``cell``: float64[F, 3, 3] Å (zeros for molecules); ``pbc``: bool[F, 3]
-- ``ids``: int64[F], the index of each frame in its file; ``source``: the file name
-- ``rejected``: ``(frame index, problem)`` for every frame of the file that was not loaded
-
-Readers: :func:`read_extxyz` (anything ``ase.io`` reads, compressed ``.gz``/``.bz2``/``.xz``
-included), :func:`read_rmd17` (the revised MD17 ``.npz``, kcal/mol converted to eV with
-``ase.units``) and :func:`read_frames`, which picks one by suffix. :meth:`FrameSet.to_graphset`
-builds radius graphs for potentials; :func:`split_frames` draws the rMD17-style splits
-(950 training, 50 validation, the rest test).
+Readers return a :class:`~mpattn.data.frameset.FrameSet` (re-exported here):
+:func:`read_extxyz` (anything ``ase.io`` reads: extended XYZ, ASE databases, trajectories;
+compressed ``.gz``/``.bz2``/``.xz`` included), :func:`read_rmd17` (the revised MD17 ``.npz``,
+kcal/mol converted to eV with ``ase.units``) and :func:`read_frames`, which picks one by suffix
+and converts units (:data:`ENERGY_UNITS`, :data:`LENGTH_UNITS`). Splits:
+:func:`split_frames` (seeded, by frame; the rMD17 protocol is 950 / 50 / the rest) and
+:func:`split_molecules` (whole molecules held out, for errors on unseen molecules).
+Bundled sets: :func:`ethanol_xtb_path`, :func:`spice_like_xtb_path`.
 """
 
 from __future__ import annotations
@@ -25,170 +19,50 @@ import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from mpattn.data.graphset import GraphSet, _ranges
+from mpattn.data.frameset import FrameSet
 
 __all__ = [
+    "ENERGY_UNITS",
+    "LENGTH_UNITS",
     "FrameSet",
     "covalent_bonds",
     "ethanol_xtb_path",
     "read_extxyz",
     "read_frames",
     "read_rmd17",
+    "spice_like_xtb_path",
     "split_frames",
+    "split_molecules",
 ]
 
 ETHANOL_XTB = "ethanol_xtb.extxyz.gz"
+SPICE_LIKE_XTB = "spice_like_xtb.extxyz.gz"
 RMD17_KEYS = ("nuclear_charges", "coords", "energies", "forces")
 _COMPRESSED = (".gz", ".bz2", ".xz")
 
 
-@dataclass
-class FrameSet:
-    """Concatenated frames with energies and forces; see the module docstring for the layout."""
+def _units():
+    from ase import units
 
-    n_atoms: np.ndarray  # int32[F]
-    z: np.ndarray  # int32[N]
-    positions: np.ndarray  # float64[N, 3]
-    energy: np.ndarray  # float64[F]
-    forces: np.ndarray | None = None  # float64[N, 3]
-    cell: np.ndarray | None = None  # float64[F, 3, 3]
-    pbc: np.ndarray | None = None  # bool[F, 3]
-    ids: np.ndarray | None = None  # int64[F]
-    source: str = ""
-    rejected: list[tuple[int, str]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.n_atoms = np.asarray(self.n_atoms, dtype=np.int32).reshape(-1)
-        f = self.n_atoms.shape[0]
-        n = int(self.n_atoms.sum())
-        self.z = np.asarray(self.z, dtype=np.int32).reshape(-1)
-        self.positions = np.asarray(self.positions, dtype=np.float64).reshape(-1, 3)
-        self.energy = np.asarray(self.energy, dtype=np.float64).reshape(-1)
-        if self.forces is not None:
-            self.forces = np.asarray(self.forces, dtype=np.float64).reshape(-1, 3)
-        self.cell = (np.zeros((f, 3, 3)) if self.cell is None
-                     else np.asarray(self.cell, dtype=np.float64).reshape(f, 3, 3))
-        self.pbc = (np.zeros((f, 3), bool) if self.pbc is None
-                    else np.asarray(self.pbc, dtype=bool).reshape(f, 3))
-        self.ids = (np.arange(f, dtype=np.int64) if self.ids is None
-                    else np.asarray(self.ids, dtype=np.int64).reshape(-1))
-        per_atom = {"z": self.z, "positions": self.positions}
-        if self.forces is not None:
-            per_atom["forces"] = self.forces
-        for name, arr in per_atom.items():
-            if arr.shape[0] != n:
-                raise ValueError(f"{name} has {arr.shape[0]} rows, n_atoms sums to {n}")
-        for name, arr in {"energy": self.energy, "ids": self.ids}.items():
-            if arr.shape[0] != f:
-                raise ValueError(f"{name} has {arr.shape[0]} entries for {f} frames")
-        self.offsets = np.concatenate([[0], np.cumsum(self.n_atoms, dtype=np.int64)])
-
-    def __len__(self) -> int:
-        return int(self.n_atoms.shape[0])
-
-    def atom_index(self, i: int) -> slice:
-        """The rows of frame ``i`` in the per-atom arrays."""
-        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
-
-    def subset(self, index) -> FrameSet:
-        """The frames at ``index`` (in that order) as a new FrameSet (``rejected`` is kept)."""
-        index = np.asarray(index, dtype=np.int64).reshape(-1)
-        aidx = _ranges(self.offsets[index], self.n_atoms[index])
-        return FrameSet(
-            n_atoms=self.n_atoms[index],
-            z=self.z[aidx],
-            positions=self.positions[aidx],
-            energy=self.energy[index],
-            forces=None if self.forces is None else self.forces[aidx],
-            cell=self.cell[index],
-            pbc=self.pbc[index],
-            ids=self.ids[index],
-            source=self.source,
-            rejected=list(self.rejected),
-        )
-
-    def atoms(self, i: int):
-        """Frame ``i`` as an ``ase.Atoms`` whose SinglePointCalculator holds its energy/forces."""
-        from ase import Atoms
-        from ase.calculators.singlepoint import SinglePointCalculator
-
-        a = self.atom_index(i)
-        atoms = Atoms(numbers=self.z[a], positions=self.positions[a], cell=self.cell[i],
-                      pbc=self.pbc[i])
-        results = {"energy": float(self.energy[i])}
-        if self.forces is not None:
-            results["forces"] = self.forces[a].copy()
-        atoms.calc = SinglePointCalculator(atoms, **results)
-        return atoms
-
-    def to_graphset(self, cutoff: float, *, targets: bool = True) -> GraphSet:
-        """Radius graphs of all frames, for potentials.
-
-        Edges are the directed pairs closer than ``cutoff`` Å from
-        :func:`mpattn.neighbors.radius_edges` (vesin; periodic images for periodic cells).
-
-        Args:
-            cutoff: Radius of the neighbour graph in Å.
-            targets: Add ``globals["energy"]`` and ``nodes["forces"]`` (when present).
-
-        Returns:
-            A GraphSet with ``nodes``: ``z`` int32[N], ``positions`` float32[N, 3], ``features``
-            float32[N, 0] (potentials embed Z only) and, with targets, ``forces``
-            float32[N, 3] eV/Å; ``edges``: ``bond`` int32[E] (all 4, not bonded) and
-            ``shift`` float32[E, 3] Å (the edge vector is ``positions[s] - positions[r] +
-            shift``; zeros for molecules); ``globals["energy"]`` float64[F] eV; ``ids`` the
-            frame ids.
-        """
-        from mpattn.neighbors import radius_edges
-
-        if not cutoff > 0:
-            raise ValueError(f"cutoff must be positive, got {cutoff}")
-        senders, receivers, shifts, n_edge = [], [], [], []
-        for i in range(len(self)):
-            a = self.atom_index(i)
-            periodic = bool(self.pbc[i].any())
-            try:
-                s, r, sh = radius_edges(self.positions[a], cutoff, self.cell[i] if periodic
-                                        else None, self.pbc[i] if periodic else None)
-            except ValueError as exc:
-                raise ValueError(f"{self.source}: frame {self.ids[i]}: {exc}") from exc
-            senders.append(s)
-            receivers.append(r)
-            shifts.append(sh.astype(np.float32))
-            n_edge.append(len(s))
-        e = int(sum(n_edge))
-        cat = np.concatenate
-        nodes = {
-            "z": self.z.copy(),
-            "positions": self.positions.astype(np.float32),
-            "features": np.zeros((self.z.shape[0], 0), np.float32),
-        }
-        glob = {}
-        if targets:
-            glob["energy"] = self.energy.copy()
-            if self.forces is not None:
-                nodes["forces"] = self.forces.astype(np.float32)
-        return GraphSet(
-            n_node=self.n_atoms.copy(),
-            n_edge=np.asarray(n_edge, np.int32),
-            nodes=nodes,
-            edges={
-                "bond": np.full(e, 4, np.int32),
-                "shift": cat(shifts) if e else np.zeros((0, 3), np.float32),
-            },
-            senders=cat(senders) if e else np.zeros(0, np.int32),
-            receivers=cat(receivers) if e else np.zeros(0, np.int32),
-            globals=glob,
-            ids=self.ids.copy(),
-        )
+    energy = {"eV": 1.0, "meV": 1e-3, "Hartree": units.Hartree, "kcal/mol": units.kcal / units.mol,
+              "kJ/mol": units.kJ / units.mol}
+    return energy, {"Ang": 1.0, "Bohr": units.Bohr, "nm": 10.0}
 
 
-# --------------------------------------------------------------------------- readers
+#: energy unit name -> eV (CODATA values of ``ase.units``)
+ENERGY_UNITS: dict[str, float] = _units()[0]
+#: length unit name -> Å
+LENGTH_UNITS: dict[str, float] = _units()[1]
+
+
+def _bundled(name: str) -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("mpattn.data").joinpath("files", name)))
 
 
 def ethanol_xtb_path() -> Path:
@@ -197,9 +71,17 @@ def ethanol_xtb_path() -> Path:
     ``python -m experiments.make_xtb_dataset --molecule ethanol --frames 2000
     --temperature 500``. Read it with :func:`read_frames`.
     """
-    from importlib import resources
+    return _bundled(ETHANOL_XTB)
 
-    return Path(str(resources.files("mpattn.data").joinpath("files", ETHANOL_XTB)))
+
+def spice_like_xtb_path() -> Path:
+    """The bundled SPICE-like GFN2-xTB set: Langevin MD at 500 K of drug-like fragments with
+    C, H, N, O and S, about 100 frames per molecule, each frame labelled with its
+    ``molecule``, ``smiles`` and ``group`` (``sulfur`` or ``qm9``); made by
+    ``python -m experiments.make_xtb_dataset --set spice_like`` (its docstring has the exact
+    command). Read it with :func:`read_frames`.
+    """
+    return _bundled(SPICE_LIKE_XTB)
 
 
 def _check_file(path) -> Path:
@@ -209,21 +91,29 @@ def _check_file(path) -> Path:
     return path
 
 
-def _frame_value(atoms, key: str | None, store: dict, getter):
-    """A frame's energy or forces: ``store[key]`` (info/arrays) or the calculator's result."""
+def _frame_value(atoms, key: str | None, store: dict, getter, default_key: str):
+    """A frame's energy, forces or stress: ``store[key]`` (info/arrays) or the calculator's
+    result; ``(value or None, whether the key was found)``."""
     from ase.calculators.calculator import PropertyNotImplementedError
 
     if key is not None:
         if key in store:
-            return store[key]
+            return store[key], True
         # ase's extxyz reader moves keys such as energy/forces into a SinglePointCalculator
-        return None if atoms.calc is None else atoms.calc.results.get(key)
-    if atoms.calc is None:
-        return None
+        value = None if atoms.calc is None else atoms.calc.results.get(key)
+        return value, value is not None
+    if atoms.calc is None or default_key not in atoms.calc.results:
+        return None, False
     try:
-        return getter()
+        return getter(), True
     except (PropertyNotImplementedError, RuntimeError):
-        return None
+        return None, False
+
+
+def _keys_of(atoms) -> str:
+    calc = sorted(atoms.calc.results) if atoms.calc is not None else []
+    return (f"info keys {sorted(atoms.info)}, array keys {sorted(atoms.arrays)}, calculator "
+            f"results {calc}")
 
 
 def _warn_rejected(source: str, rejected: list[tuple[int, str]], total: int) -> None:
@@ -236,13 +126,17 @@ def _warn_rejected(source: str, rejected: list[tuple[int, str]], total: int) -> 
 
 
 def read_extxyz(path, *, energy_key: str | None = None, forces_key: str | None = None,
+                stress_key: str | None = None, molecule_key: str = "molecule",
                 format: str = "extxyz") -> FrameSet:
-    """Reads frames with energies (and forces) from an extended XYZ file through ``ase.io``.
+    """Reads frames with energies (forces, stress) from a file through ``ase.io``.
 
-    Energies/forces come from each frame's SinglePointCalculator (which ase fills from the
-    keys ``energy``/``forces``) or, when keys are given, from ``atoms.info[energy_key]`` /
-    ``atoms.arrays[forces_key]`` (e.g. ``REF_energy``/``REF_forces``). Compressed files
-    (``.gz``, ``.bz2``, ``.xz``) are read transparently.
+    Energies/forces/stress come from each frame's SinglePointCalculator (which ase fills from
+    the keys ``energy``/``forces``/``stress``) or, when keys are given, from
+    ``atoms.info[energy_key]`` / ``atoms.arrays[forces_key]`` / ``atoms.info[stress_key]``
+    (e.g. ``REF_energy``/``REF_forces``). Stress may be Voigt (6) or full (9 or 3×3), eV/Å³,
+    ASE's sign (positive under tension); frames without one get NaN. ``info[molecule_key]``
+    labels each frame's molecule (default: its formula). Compressed files (``.gz``, ``.bz2``,
+    ``.xz``) are read transparently.
 
     A frame without a finite energy, or without finite forces of shape [n, 3] while other
     frames have forces, is not loaded: it is listed in ``FrameSet.rejected`` and one warning
@@ -252,16 +146,21 @@ def read_extxyz(path, *, energy_key: str | None = None, forces_key: str | None =
         path: The file.
         energy_key: ``info`` key of the energy in eV (default: the calculator's energy).
         forces_key: per-atom array key of the forces in eV/Å (default: the calculator's).
+        stress_key: ``info`` key of the stress (default: the calculator's, if any).
+        molecule_key: ``info`` key of the molecule label.
         format: ``ase.io`` format name (``extxyz``; :func:`read_frames` passes others).
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: If no frame of the file is usable (the message names the file).
+        ValueError: If no frame of the file is usable, or a key given is in no frame (the
+            message names the file and the keys the first frame has).
     """
     path = _check_file(path)
     source = str(path)
+    keys = {"energy": energy_key, "forces": forces_key, "stress": stress_key,
+            "molecule": molecule_key}
     with _seekable(path) as fh:
-        return _read_ase(fh, source, format, energy_key, forces_key)
+        return _read_ase(fh, source, format, keys)
 
 
 @contextmanager
@@ -282,17 +181,31 @@ def _seekable(path: Path):
         yield tmp
 
 
-def _read_ase(fh, source: str, format: str, energy_key: str | None,
-              forces_key: str | None) -> FrameSet:
+def _stress_3x3(value) -> np.ndarray:
+    from ase.stress import voigt_6_to_full_3x3_stress
+
+    v = np.asarray(value, np.float64).ravel()
+    if v.size == 6:
+        return voigt_6_to_full_3x3_stress(v)
+    if v.size == 9:
+        return v.reshape(3, 3)
+    raise ValueError(f"stress of {v.size} values (expected 6 Voigt or 9)")
+
+
+def _read_ase(fh, source: str, format: str, keys: dict) -> FrameSet:
     import ase.io
 
-    kept, energies, forces, rejected = [], [], [], []
-    total = 0
+    kept, energies, forces, stresses, labels, rejected = [], [], [], [], [], []
+    found = {"energy": False, "forces": False, "stress": False}
+    total, first = 0, None
     for i, atoms in enumerate(ase.io.iread(fh, format=format, index=":")):
         total += 1
-        e = _frame_value(atoms, energy_key, atoms.info, atoms.get_potential_energy)
+        first = atoms if first is None else first
+        e, ok = _frame_value(atoms, keys["energy"], atoms.info, atoms.get_potential_energy,
+                             "energy")
+        found["energy"] |= ok
         if e is None:
-            rejected.append((i, f"no energy ({energy_key or 'energy'})"))
+            rejected.append((i, f"no energy ({keys['energy'] or 'energy'})"))
             continue
         try:
             e = float(e)
@@ -302,7 +215,8 @@ def _read_ase(fh, source: str, format: str, energy_key: str | None,
         if not np.isfinite(e):
             rejected.append((i, f"non-finite energy ({e})"))
             continue
-        f = _frame_value(atoms, forces_key, atoms.arrays, atoms.get_forces)
+        f, ok = _frame_value(atoms, keys["forces"], atoms.arrays, atoms.get_forces, "forces")
+        found["forces"] |= ok
         if f is not None:
             f = np.asarray(f, dtype=np.float64)
             if f.shape != (len(atoms), 3):
@@ -311,33 +225,62 @@ def _read_ase(fh, source: str, format: str, energy_key: str | None,
             if not np.all(np.isfinite(f)):
                 rejected.append((i, "non-finite forces"))
                 continue
+        st, ok = _frame_value(atoms, keys["stress"], atoms.info, atoms.get_stress, "stress")
+        found["stress"] |= ok
+        if st is not None:
+            try:
+                st = _stress_3x3(st)
+            except (TypeError, ValueError) as err:
+                rejected.append((i, f"{keys['stress'] or 'stress'}: {err}"))
+                continue
+            if not np.all(np.isfinite(st)):
+                rejected.append((i, "non-finite stress"))
+                continue
         kept.append((i, atoms))
         energies.append(e)
         forces.append(f)
+        stresses.append(np.full((3, 3), np.nan) if st is None else st)
+        label = atoms.info.get(keys["molecule"])
+        labels.append(None if label is None else str(label))
+    for name in ("energy", "forces", "stress"):
+        if keys[name] is not None and not found[name] and first is not None:
+            raise ValueError(f"{source}: no frame has the {name} key {keys[name]!r}; frame 0 "
+                             f"has {_keys_of(first)}")
     has_forces = [f is not None for f in forces]
     if any(has_forces) and not all(has_forces):  # forces are all or nothing
         keep = []
-        for (i, atoms), e, f in zip(kept, energies, forces, strict=True):
+        for (i, atoms), e, f, st, lab in zip(kept, energies, forces, stresses, labels,
+                                             strict=True):
             if f is None:
-                rejected.append((i, f"no forces ({forces_key or 'forces'}) while others have"))
+                rejected.append((i, f"no forces ({keys['forces'] or 'forces'}) while others "
+                                 "have"))
             else:
-                keep.append(((i, atoms), e, f))
-        kept, energies, forces = (list(t) for t in zip(*keep, strict=True))
+                keep.append(((i, atoms), e, f, st, lab))
+        kept, energies, forces, stresses, labels = (list(t) for t in zip(*keep, strict=True))
         rejected.sort()
     _warn_rejected(source, rejected, total)
     if not kept:
         why = f"; first problem: frame {rejected[0][0]}: {rejected[0][1]}" if rejected else ""
         raise ValueError(f"{source}: no usable frame with an energy ({total} frame(s) read){why}")
+    z = [a.get_atomic_numbers() for _, a in kept]
+    if any(lab is None for lab in labels):
+        from mpattn.data.frameset import hill_formula
+
+        labels = [hill_formula(zi) if lab is None else lab
+                  for zi, lab in zip(z, labels, strict=True)]
+    stress = np.stack(stresses)
     return FrameSet(
         n_atoms=[len(a) for _, a in kept],
-        z=np.concatenate([a.get_atomic_numbers() for _, a in kept]),
+        z=np.concatenate(z),
         positions=np.concatenate([a.get_positions() for _, a in kept]),
         energy=np.asarray(energies),
         forces=np.concatenate(forces) if forces[0] is not None else None,
+        stress=stress if np.isfinite(stress).any() else None,
         cell=np.stack([np.asarray(a.get_cell()) for _, a in kept]),
         pbc=np.stack([a.get_pbc() for _, a in kept]),
         ids=[i for i, _ in kept],
         source=source,
+        molecules=labels,
         rejected=rejected,
     )
 
@@ -383,36 +326,55 @@ def read_rmd17(path) -> FrameSet:
     )
 
 
-def read_frames(path, **kwargs) -> FrameSet:
-    """Reads frames with energies and forces, choosing the reader by the file's suffix.
+def read_frames(path, *, energy_unit: str = "eV", length_unit: str = "Ang",
+                **kwargs) -> FrameSet:
+    """Reads frames with energies and forces, choosing the reader by the file's suffix, and
+    converts them to eV and Å.
 
-    ``.npz``: :func:`read_rmd17`; ``.xyz``/``.extxyz`` (optionally ``.gz``/``.bz2``/``.xz``):
-    :func:`read_extxyz`; any other format ``ase.io`` recognises (``.traj``, ``.db``, ...):
-    :func:`read_extxyz` with that format. Keyword arguments go to :func:`read_extxyz`.
+    ``.npz``: :func:`read_rmd17` (its units are fixed: kcal/mol and Å);
+    ``.xyz``/``.extxyz`` (optionally ``.gz``/``.bz2``/``.xz``): :func:`read_extxyz`; any other
+    format ``ase.io`` recognises (``.traj``, ``.db``, ...): :func:`read_extxyz` with that
+    format. Keyword arguments go to :func:`read_extxyz`.
+
+    Args:
+        path: The file.
+        energy_unit: unit of the file's energies, a key of :data:`ENERGY_UNITS` (forces are
+            in energy_unit / length_unit, stress in energy_unit / length_unit³).
+        length_unit: unit of the file's positions and cells, a key of :data:`LENGTH_UNITS`.
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: If the format is not recognised.
+        ValueError: If the format or a unit is not recognised.
     """
     path = _check_file(path)
+    if energy_unit not in ENERGY_UNITS:
+        raise ValueError(f"--energy-unit {energy_unit!r}: choose one of "
+                         f"{', '.join(ENERGY_UNITS)}")
+    if length_unit not in LENGTH_UNITS:
+        raise ValueError(f"--length-unit {length_unit!r}: choose one of "
+                         f"{', '.join(LENGTH_UNITS)}")
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] in _COMPRESSED:
         suffixes = suffixes[:-1]
     last = suffixes[-1] if suffixes else ""
     if last == ".npz":
-        if kwargs:
-            raise TypeError(f"read_rmd17 takes no options, got {sorted(kwargs)}")
+        if kwargs or (energy_unit, length_unit) != ("eV", "Ang"):
+            raise ValueError(f"{path}: a revised MD17 .npz has fixed keys and units (kcal/mol, "
+                             "Å): leave out the key and unit options")
         return read_rmd17(path)
     if last in (".xyz", ".extxyz"):
-        return read_extxyz(path, **kwargs)
-    from ase.io.formats import UnknownFileTypeError, filetype
+        frames = read_extxyz(path, **kwargs)
+    else:
+        from ase.io.formats import UnknownFileTypeError, filetype
 
-    try:
-        fmt = filetype(str(path), guess=False)
-    except (UnknownFileTypeError, OSError) as exc:
-        raise ValueError(f"{path}: unknown format ({exc}); expected a revised MD17 .npz or a "
-                         "file ase.io reads with energies (.extxyz, .xyz, .traj, ...)") from exc
-    return read_extxyz(path, format=fmt, **kwargs)
+        try:
+            fmt = filetype(str(path), guess=False)
+        except (UnknownFileTypeError, OSError) as exc:
+            raise ValueError(f"{path}: unknown format ({exc}); expected a revised MD17 .npz or "
+                             "a file ase.io reads with energies (.extxyz, .xyz, .traj, .db, "
+                             "...)") from exc
+        frames = read_extxyz(path, format=fmt, **kwargs)
+    return frames.scaled(ENERGY_UNITS[energy_unit], LENGTH_UNITS[length_unit])
 
 
 def split_frames(n: int, n_train: int, n_val: int, seed: int, *,
@@ -437,6 +399,30 @@ def split_frames(n: int, n_train: int, n_val: int, seed: int, *,
     cuts = np.cumsum([n_train, n_val, n_test])
     return (np.sort(perm[: cuts[0]]), np.sort(perm[cuts[0]: cuts[1]]),
             np.sort(perm[cuts[1]: cuts[2]]))
+
+
+def split_molecules(molecules, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Whole molecules held out: ``(seen, unseen)`` sorted frame indices, the unseen part all
+    frames of ``round(fraction · M)`` of the ``M`` distinct labels (at least one if
+    ``fraction > 0``), drawn with ``np.random.default_rng(seed)``.
+
+    Args:
+        molecules: str [F], the molecule label of each frame.
+        fraction: share of the molecules to hold out, in [0, 1).
+        seed: the draw's seed.
+    """
+    molecules = np.asarray(molecules, dtype=str)
+    names = np.unique(molecules)
+    if not 0 <= fraction < 1:
+        raise ValueError(f"--unseen-molecules {fraction}: the share of molecules held out must "
+                         "be in [0, 1)")
+    k = 0 if fraction == 0 else max(1, int(round(fraction * len(names))))
+    if k >= len(names):
+        raise ValueError(f"--unseen-molecules {fraction}: holding out {k} of {len(names)} "
+                         "molecule(s) leaves none to train on")
+    held = np.random.default_rng(seed).permutation(names)[:k]
+    unseen = np.isin(molecules, held)
+    return np.flatnonzero(~unseen), np.flatnonzero(unseen)
 
 
 def covalent_bonds(z, positions, *, scale: float = 1.25) -> np.ndarray:

@@ -7,7 +7,8 @@ shapes"), so batches are packed into a few fixed :class:`~mpattn.graph.Budget` s
 2. :func:`pack` cuts an epoch's order greedily into batches that fit the largest budget.
 3. :class:`BatchLoader` pads each batch to the smallest budget it fits (one vectorised
    gather per field, :func:`mpattn.graph.pad_batch`) and yields ``jraph.GraphsTuple`` s of
-   numpy arrays, optionally assembled ahead in a background thread.
+   numpy arrays, optionally assembled ahead in a background thread (where a
+   :class:`~mpattn.data.radius_graphs.RadiusGraphSet` also builds the batch's edges).
 
 Every yielded batch carries ``globals["id"]``: int64[n_graph], the GraphSet ids of its graphs
 and -1 for padding graphs. Masks come from :func:`mpattn.graph.node_mask` and friends.
@@ -264,7 +265,10 @@ class BatchLoader:
         return self.epoch(e)
 
     def _batch(self, index: np.ndarray, budget: Budget) -> jraph.GraphsTuple:
-        graph = pad_batch(self.gs, index, budget)
+        if hasattr(self.gs, "materialize"):  # edges built now (RadiusGraphSet)
+            graph = pad_batch(self.gs.materialize(index), np.arange(len(index)), budget)
+        else:
+            graph = pad_batch(self.gs, index, budget)
         ids = np.full(budget.n_graph, -1, dtype=np.int64)
         ids[: index.shape[0]] = self.gs.ids[index]
         return graph._replace(globals={**graph.globals, "id": ids})

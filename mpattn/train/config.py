@@ -46,6 +46,8 @@ class TrainConfig:
         steps_per_call: > 1: that many train steps per jit call (``lax.scan``, one padding
             budget): fewer host round trips where steps are short (GPU).
         x64: train in float64 (needs ``jax.config.update("jax_enable_x64", True)`` first).
+        trainable: ``"all"`` parameters, or only the ``"readout"``'s (the rest frozen: for
+            fine-tuning a trained model on little data).
     """
 
     model: str = "attention"
@@ -65,6 +67,7 @@ class TrainConfig:
     num_devices: int | None = None
     steps_per_call: int = 1
     x64: bool = False
+    trainable: str = "all"
 
     def check(self) -> TrainConfig:
         """Raise ``ValueError("<option>: <problem>")`` for a setting that cannot work; return
@@ -97,6 +100,8 @@ class TrainConfig:
             raise bad("ema_decay", "must be in [0, 1) (or None: no EMA)")
         if self.time_budget_min is not None and not self.time_budget_min > 0:
             raise bad("time_budget_min", "must be positive (or None: no limit)")
+        if self.trainable not in ("all", "readout"):
+            raise bad("trainable", "choose 'all' or 'readout'")
         if not self.checkpoint_every_s >= 0:
             raise bad("checkpoint_every_s", "must be >= 0")
         return self

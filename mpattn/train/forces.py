@@ -25,24 +25,33 @@ import numpy as np
 
 from mpattn.data.frames import FrameSet
 from mpattn.data.graphset import GraphSet
-from mpattn.potential import Potential, Reference, energy_and_forces, fit_reference
-from mpattn.train.metrics import force_metrics
+from mpattn.data.radius_graphs import RadiusGraphSet
+from mpattn.potential import (
+    Potential,
+    Reference,
+    energy_and_forces,
+    energy_forces_stress,
+    fit_reference,
+)
+from mpattn.train.metrics import force_breakdown, force_metrics
 from mpattn.train.task import Task
-from mpattn.train.terms import EnergyTerm, ForceTerm
+from mpattn.train.terms import EnergyTerm, ForceTerm, StressTerm
 
-__all__ = ["EnergyForceTask", "ForceData", "FramePart"]
+__all__ = ["ENERGY_FIT_FILE", "EnergyForceTask", "ForceData", "FramePart", "posthoc_energy_fit"]
 
 
 @dataclass
 class FramePart:
     """One part of a split: device graphs with standardised targets, host truth in float64.
 
-    ``graphs`` holds ``nodes["forces"]`` = F/s and ``globals["energy"]`` = (E - Σ n_e E_e)/s
+    ``graphs`` (a GraphSet, or for data whose edges would take over 1 GiB a
+    :class:`~mpattn.data.radius_graphs.RadiusGraphSet`: the atoms, edges built per batch)
+    holds ``nodes["forces"]`` = F/s and ``globals["energy"]`` = (E - Σ n_e E_e)/s
     (float32, float64 with ``x64``); ``energy`` [F] and ``forces`` [N, 3] are the absolute
     references (eV, eV/Å, float64) and ``baseline`` [F] the float64 ``Σ n_e E_e``.
     """
 
-    graphs: GraphSet
+    graphs: GraphSet | RadiusGraphSet
     energy: np.ndarray
     forces: np.ndarray
     baseline: np.ndarray
@@ -60,10 +69,38 @@ class ForceData:
     reference: Reference
     cutoff: float
     dtype: str = "float32"
+    stress: bool = False  # graphs carry the stress targets (the task's stress weight > 0)
 
     @property
     def elements(self) -> tuple[int, ...]:
         return self.reference.elements
+
+    def part(self, frames: FrameSet, name: str = "frames") -> FramePart:
+        """Any frames as a part for evaluation (``trainer.report(data.part(frames))``), with
+        this data's reference, cutoff and dtype; ``name`` goes into error messages."""
+        if frames.forces is None:
+            raise ValueError(f"{name}: {frames.source or 'frames'} has no forces")
+        try:
+            baseline = self.reference.energy(frames.z, frames.n_atoms)
+        except ValueError as err:
+            raise ValueError(f"{name} part: {err} (seen in training: {self.elements})") from err
+        dtype = np.dtype(self.dtype)
+        s = self.reference.scale
+        nodes = {"z": frames.z.astype(np.int8), "positions": frames.positions.astype(dtype),
+                 "forces": (frames.forces / s).astype(dtype)}
+        glob = {"energy": ((frames.energy - baseline) / s).astype(dtype),
+                "cell": frames.cell.astype(dtype)}
+        if self.stress:
+            has = frames.has_stress()
+            stress = np.where(has[:, None, None], frames.stress if frames.stress is not None
+                              else 0.0, 0.0)
+            glob["stress"] = (stress / s).astype(dtype)
+            glob["stress_weight"] = has.astype(dtype)
+        gs = RadiusGraphSet(frames.n_atoms, nodes, frames.cell, frames.pbc, self.cutoff,
+                            globals=glob, ids=frames.ids, source=frames.source).maybe_stored()
+        return FramePart(gs, np.asarray(frames.energy, np.float64),  # no copies
+                         np.asarray(frames.forces, np.float64), baseline,
+                         frames.n_atoms.astype(np.int64), frames)
 
 
 @dataclass(frozen=True)
@@ -75,28 +112,42 @@ class EnergyForceTask(Task):
             ``graph_cutoff`` (or ``cutoff``).
         beta: force weight β of the loss. Energies and forces are both divided by the RMS
             force ``s`` (so β trades comparable numbers); 0.99 follows SO3krates and makes
-            forces, which fix the energy surface up to a constant, the main signal.
+            forces, which fix the energy surface up to a constant, the main signal; 1 trains
+            on forces alone (fit the energies afterwards: :func:`posthoc_energy_fit`).
+        stress_weight: weight of the stress term (stress σ = (1/V) ∂E/∂ε of periodic frames
+            that have one, divided by ``s`` like the forces; 0: no stress, and no strain
+            derivative in the step).
     """
 
     cutoff: float = 5.0
     beta: float = 0.99
+    stress_weight: float = 0.0
 
     kind: ClassVar[str] = "energy_forces"
     score_key: ClassVar[str] = "val_force_mae_mev_ang"
     rate_key: ClassVar[str] = "frames_per_s"
-    prediction_kinds: ClassVar[dict[str, str]] = {"energy": "graph", "forces": "node"}
+
+    @property
+    def prediction_kinds(self) -> dict[str, str]:
+        kinds = {"energy": "graph", "forces": "node"}
+        return kinds | {"stress": "graph"} if self.stress_weight > 0 else kinds
 
     def check(self) -> EnergyForceTask:
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"--beta {self.beta}: the force weight must be in [0, 1]")
         if not self.cutoff > 0:
             raise ValueError(f"--cutoff {self.cutoff}: must be positive (Å)")
+        if not (math.isfinite(self.stress_weight) and self.stress_weight >= 0):
+            raise ValueError(f"--stress-weight {self.stress_weight}: must be >= 0 (0: off)")
         return self
 
     def check_data(self, data: ForceData) -> None:
         if not math.isclose(data.cutoff, self.cutoff):
             raise ValueError(f"the frames were prepared with cutoff {data.cutoff} Å, the task "
                              f"asks for {self.cutoff} Å")
+        if data.stress != (self.stress_weight > 0):
+            raise ValueError("the frames were prepared for another stress weight: prepare "
+                             "them with this task")
 
     def model_config(self, config):
         config = super().model_config(config)
@@ -126,7 +177,6 @@ class EnergyForceTask(Task):
             raise ValueError(f"{frames.source or 'frames'}: no forces; a potential trains on "
                              "energies and forces")
         x64 = config is not None and config.x64
-        dtype = np.float64 if x64 else np.float32
         parts = dict(zip(("train", "val", "test"), (np.asarray(s, np.int64) for s in split),
                          strict=True))
         if not len(parts["train"]):
@@ -135,23 +185,15 @@ class EnergyForceTask(Task):
         elements = tuple(sorted(set(np.unique(train.z).tolist())))
         zs = [train.z[train.atom_index(i)] for i in range(len(train))]
         reference = fit_reference(zs, train.energy, elements, forces=train.forces)
-        out = {}
+        data = ForceData(None, None, None, reference, self.cutoff,
+                         "float64" if x64 else "float32", stress=self.stress_weight > 0)
+        if data.stress and not train.has_stress().any():
+            raise ValueError(f"--stress-weight {self.stress_weight}: no training frame of "
+                             f"{frames.source or 'the data'} has a stress (periodic frames "
+                             "with a stress key)")
         for name, index in parts.items():
-            sub = frames.subset(index)
-            try:
-                baseline = reference.energy(sub.z, sub.n_atoms)
-            except ValueError as err:
-                raise ValueError(f"{name} part: {err} (seen in training: {elements})") from err
-            gs = sub.to_graphset(self.cutoff)
-            s = reference.scale
-            gs.nodes["forces"] = (sub.forces / s).astype(dtype)
-            gs.nodes["positions"] = sub.positions.astype(dtype)
-            gs.globals = {"energy": ((sub.energy - baseline) / s).astype(dtype)}
-            out[name] = FramePart(gs, sub.energy.astype(np.float64),
-                                  sub.forces.astype(np.float64), baseline,
-                                  sub.n_atoms.astype(np.int64), sub)
-        return ForceData(out["train"], out["val"], out["test"], reference, self.cutoff,
-                         "float64" if x64 else "float32")
+            setattr(data, name, data.part(frames.subset(index), name))
+        return data
 
     # ------------------------------------------------------------------ model and loss
 
@@ -159,18 +201,25 @@ class EnergyForceTask(Task):
         return Potential(model, reference=data.reference)
 
     def main_terms(self, config) -> list:
-        return [EnergyTerm(loss=config.loss, weight=1.0 - self.beta),
-                ForceTerm(loss=config.loss, weight=self.beta)]
-
-    def outputs(self, module, graph) -> dict:
-        """Residual energies and forces in units of the RMS force ``s``."""
-        energy, forces = energy_and_forces(module, graph, reference=False)
-        s = module.scale[...].astype(energy.dtype)
-        return {"energy": energy / s, "forces": forces / s}
+        terms = [EnergyTerm(loss=config.loss, weight=1.0 - self.beta),
+                 ForceTerm(loss=config.loss, weight=self.beta)]
+        if self.stress_weight > 0:
+            terms.append(StressTerm(loss=config.loss, weight=self.stress_weight))
+        return terms
 
     def predictions(self, module, graph) -> dict:
+        """Residual energies (eV), forces (eV/Å) and, with a stress weight, stress (eV/Å³)."""
+        if self.stress_weight > 0:
+            energy, forces, stress = energy_forces_stress(module, graph, reference=False)
+            return {"energy": energy, "forces": forces, "stress": stress}
         energy, forces = energy_and_forces(module, graph, reference=False)
         return {"energy": energy, "forces": forces}
+
+    def outputs(self, module, graph) -> dict:
+        """The predictions in units of the RMS force ``s`` (what the terms compare)."""
+        out = self.predictions(module, graph)
+        s = module.scale[...].astype(out["energy"].dtype)
+        return {k: v / s for k, v in out.items()}
 
     def graph_weights(self, graph):
         return jnp.ones(jnp.shape(graph.n_node), jnp.float32)
@@ -181,8 +230,18 @@ class EnergyForceTask(Task):
         """:func:`~mpattn.train.metrics.force_metrics` of ``part``; the absolute predictions
         (eV, eV/Å, float64) under ``"_energy"`` / ``"_forces"``."""
         energy = raw["energy"] + part.baseline
-        return force_metrics(energy, part.energy, raw["forces"], part.forces, part.n_atoms) | {
-            "_energy": energy, "_forces": raw["forces"]}
+        out = force_metrics(energy, part.energy, raw["forces"], part.forces, part.n_atoms)
+        frames = part.frames
+        out |= force_breakdown(energy, part.energy, raw["forces"], part.forces, part.n_atoms,
+                               frames.z, frames.molecules)
+        if "stress" in raw:
+            has = frames.has_stress()
+            if has.any():
+                err = (raw["stress"][has] - frames.stress[has]) * 1000.0
+                out["stress_mae_mev_ang3"] = float(np.mean(np.abs(err)))
+                out["n_stress"] = int(has.sum())
+            out["_stress"] = raw["stress"]
+        return out | {"_energy": energy, "_forces": raw["forces"]}
 
     def row(self, report: dict) -> dict:
         return {"val_energy_mae_mev": report["energy_mae_mev"],
@@ -190,3 +249,33 @@ class EnergyForceTask(Task):
 
     def state(self, data: ForceData) -> dict:
         return {"reference": data.reference.to_dict(), "dtype": data.dtype}
+
+
+ENERGY_FIT_FILE = "energy_fit.json"
+
+
+def posthoc_energy_fit(part: FramePart, energy, elements) -> np.ndarray:
+    """Seed 004's post-hoc energy correction for a potential trained on forces alone (β = 1):
+    per-element energies ``δ_e`` fitted by least squares so that ``E_model + Σ_e n_e δ_e``
+    matches the reference energies of ``part`` (the training frames).
+
+    Forces fix the energy surface only up to a constant per composition, so a force-only
+    model's energies are off by a per-element offset that this recovers. No intercept: the
+    correction must stay size-extensive to be part of the potential's reference (and a
+    constant is collinear with the counts for a single molecule's frames). :func:`load_run`
+    adds ``δ_e`` to the reference when the workdir holds :data:`ENERGY_FIT_FILE`.
+
+    Args:
+        part: frames with reference energies (``part.energy``, eV).
+        energy: float [F] the model's absolute energies of the same frames (eV).
+        elements: atomic numbers, the columns of the fit.
+
+    Returns:
+        float64 [len(elements)] ``δ_e`` in eV.
+    """
+    from mpattn.elements import element_counts, fit_linear_reference
+
+    counts = element_counts(part.frames.z, part.n_atoms, elements)
+    delta, _ = fit_linear_reference(counts, part.energy - np.asarray(energy, np.float64),
+                                    intercept=False)
+    return delta

@@ -55,6 +55,7 @@ __all__ = [
     "graph_weights",
     "loss_value",
     "size_range",
+    "stress_term",
 ]
 
 LOSSES: tuple[str, ...] = ("mse", "l1", "huber")
@@ -222,6 +223,21 @@ def force_term(pred_f: Float[Array, "num_nodes 3"], true_f: Float[Array, "num_no
     per_graph = segment_sum(per_node, seg, num_segments=n_node.shape[0])
     per_graph = per_graph / jnp.maximum(3 * n_node, 1).astype(per_graph.dtype)
     return jnp.sum(jnp.where(gm, per_graph, 0)) / jnp.maximum(jnp.sum(gm), 1)
+
+
+def stress_term(pred_s: Float[Array, "num_graphs 3 3"], true_s: Float[Array, "num_graphs 3 3"],
+                graph: jraph.GraphsTuple, *, weights: Float[Array, " num_graphs"],
+                loss: str = "mse", huber_delta: float = 1.0) -> Float[Array, ""]:
+    """``Σ_g w_g Σ_kl ℓ(σ_gkl - σ̂_gkl) / 9 / Σ_g w_g`` over the real graphs with ``w_g > 0``
+    (structures that have a reference stress; 0 when none of the batch has one). Padding and
+    structures without stress are removed with a ``where`` on the inputs (NaN-safe)."""
+    _check(loss, LOSSES, "loss")
+    w = jnp.where(graph_mask(graph), jnp.asarray(weights), 0)
+    keep = (w > 0)[:, None, None]
+    pred_s, true_s = jnp.asarray(pred_s), jnp.asarray(true_s)
+    ps, ts = jnp.where(keep, pred_s, 0), jnp.where(keep, true_s, 0).astype(pred_s.dtype)
+    per = jnp.sum(elementwise_loss(loss, ps, ts, huber_delta=huber_delta), axis=(1, 2)) / 9
+    return jnp.sum(jnp.where(w > 0, w * per, 0)) / jnp.maximum(jnp.sum(w), 1e-12)
 
 
 def energy_force_loss(pred_e: Float[Array, " num_graphs"], pred_f: Float[Array, "num_nodes 3"],

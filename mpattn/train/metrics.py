@@ -6,7 +6,8 @@ study). Energies (``unit="eV"``) are reported in meV, with the MAE also in kcal/
 (1 kcal/mol = 43.364 meV, from ``ase.units``; chemical accuracy is 1 kcal/mol); any other
 target is reported in its own unit under ``mae``/``rmse``. :func:`force_metrics` (the
 energy+forces task) gives energy errors per structure and per atom and force errors per
-Cartesian component, in meV and meV/Å.
+Cartesian component, in meV and meV/Å; :func:`force_breakdown` the same per element and
+per molecule (the worst ten named).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from ase import units
 from ase.data import chemical_symbols
 
-__all__ = ["KCAL_MOL_MEV", "error_report", "force_metrics"]
+__all__ = ["KCAL_MOL_MEV", "error_report", "force_breakdown", "force_metrics"]
 
 #: One kcal/mol in meV (≈ 43.364).
 KCAL_MOL_MEV: float = 1000.0 * units.kcal / units.mol
@@ -129,3 +130,50 @@ def force_metrics(pred_e, true_e, pred_f, true_f, n_atoms) -> dict[str, float]:
         "n_structures": int(len(pe)),
         "n_atoms": int(n.sum()),
     }
+
+
+def force_breakdown(pred_e, true_e, pred_f, true_f, n_atoms, z, molecules, *,
+                    worst: int = 10) -> dict[str, Any]:
+    """Errors per element (forces on the atoms of each element) and per molecule (all frames
+    of each label), inputs in eV and eV/Å as for :func:`force_metrics`.
+
+    Args:
+        z: int [total_atoms] atomic numbers; molecules: str [num_structures] labels.
+        worst: how many molecules ``worst_molecules`` names.
+
+    Returns:
+        ``{"per_element": {symbol: {"n_atoms", "force_mae_mev_ang", "force_rmse_mev_ang"}},
+        "per_molecule": {label: {"n_frames", "n_atoms", "energy_mae_mev",
+        "energy_mae_mev_per_atom", "force_mae_mev_ang"}}, "worst_molecules": [label, ...]}``
+        (worst by force MAE, highest first).
+    """
+    pe, te = (np.asarray(a, np.float64).ravel() for a in (pred_e, true_e))
+    pf, tf = (np.asarray(a, np.float64).reshape(-1, 3) for a in (pred_f, true_f))
+    n = np.asarray(n_atoms, np.int64).ravel()
+    z = np.asarray(z, np.int64).ravel()
+    molecules = np.asarray(molecules, dtype=str).ravel()
+    if len(z) != len(pf) or len(molecules) != len(pe):
+        raise ValueError(f"force_breakdown: {len(z)} atomic numbers for {len(pf)} force rows, "
+                         f"{len(molecules)} labels for {len(pe)} structures")
+    ferr = (pf - tf) * 1000.0
+    per_element = {}
+    for e in np.unique(z):
+        rows = ferr[z == e]
+        mae, rmse = _mae_rmse(rows)
+        per_element[chemical_symbols[int(e)]] = {"n_atoms": int(len(rows)),
+                                                 "force_mae_mev_ang": mae,
+                                                 "force_rmse_mev_ang": rmse}
+    frame_of_atom = np.repeat(np.arange(len(n)), n)
+    de = (pe - te) * 1000.0
+    per_molecule = {}
+    for name in np.unique(molecules):
+        frames = molecules == name
+        atoms = frames[frame_of_atom]
+        per_molecule[str(name)] = {
+            "n_frames": int(frames.sum()), "n_atoms": int(n[frames][0]),
+            "energy_mae_mev": float(np.mean(np.abs(de[frames]))),
+            "energy_mae_mev_per_atom": float(np.mean(np.abs(de[frames] / n[frames]))),
+            "force_mae_mev_ang": float(np.mean(np.abs(ferr[atoms])))}
+    ranked = sorted(per_molecule, key=lambda k: -per_molecule[k]["force_mae_mev_ang"])
+    return {"per_element": per_element, "per_molecule": per_molecule,
+            "worst_molecules": ranked[:worst]}

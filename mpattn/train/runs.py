@@ -12,8 +12,11 @@ had then, not today's.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from types import SimpleNamespace
+
+import numpy as np
 
 from mpattn.train.checkpoint import Checkpointer, json_tuples, read_meta
 from mpattn.train.config import TrainConfig
@@ -172,11 +175,31 @@ def load_run(workdir, which: str = "best"):
     params = carry.get("ema", carry["params"])
     if task.kind == "energy_forces":
         nnx.update(module, params, rest)
+        _apply_energy_fit(module, workdir)
         return module
     from mpattn.predict import Predictor
 
     return Predictor(task, config, model_config, graphdef, params, rest, fitted.transform,
                      step=meta.get("checkpoint", {}).get("step"), epoch=meta.get("epoch"))
+
+
+def _apply_energy_fit(potential, workdir: Path) -> None:
+    """Adds a force-only run's post-hoc per-element energies (``energy_fit.json``, written by
+    the experiment after training; :func:`~mpattn.train.forces.posthoc_energy_fit`) to the
+    potential's reference."""
+    from mpattn.potential import Reference
+    from mpattn.train.forces import ENERGY_FIT_FILE
+
+    path = workdir / ENERGY_FIT_FILE
+    if not path.is_file():
+        return
+    fit = json.loads(path.read_text())
+    ref = potential.reference
+    if tuple(fit["elements"]) != tuple(ref.elements):
+        raise ValueError(f"{path}: fitted for elements {fit['elements']}, the potential has "
+                         f"{list(ref.elements)}")
+    potential.set_reference(Reference(ref.elements, ref.energies + np.asarray(fit["delta"]),
+                                      ref.scale))
 
 
 def restore(ckpt: Checkpointer, template: dict, rest, meta: dict, *, which: str):

@@ -1,7 +1,8 @@
 """The loss as a list of named, weighted terms.
 
 A task builds its main terms (the property task: :class:`TargetTerm`; the energy+forces
-task: :class:`EnergyTerm` and :class:`ForceTerm`) and takes auxiliary ones from its ``aux``
+task: :class:`EnergyTerm`, :class:`ForceTerm` and, with a stress weight,
+:class:`StressTerm`) and takes auxiliary ones from its ``aux``
 setting (:class:`Denoising`, :class:`Dipole`). The train step computes the model's output
 mapping once and sums ``weight · term(outputs, graph, context)`` in list order; the engine
 knows nothing about any particular term.
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 
 from mpattn.graph import graph_mask, node_mask
 from mpattn.nn.electrostatics import DEBYE, dipole_moment
-from mpattn.train.losses import energy_term, force_term, graph_weights, loss_value
+from mpattn.train.losses import energy_term, force_term, graph_weights, loss_value, stress_term
 
 __all__ = [
     "AUX_TERMS",
@@ -37,6 +38,7 @@ __all__ = [
     "Dipole",
     "EnergyTerm",
     "ForceTerm",
+    "StressTerm",
     "TargetTerm",
     "add_position_noise",
     "aux_from_dict",
@@ -101,6 +103,21 @@ class ForceTerm(_Term):
 
     def __call__(self, outputs, graph, context):
         return force_term(outputs["forces"], graph.nodes["forces"], graph, loss=self.loss)
+
+
+@dataclass(frozen=True)
+class StressTerm(_Term):
+    """Stress of the structures that have one, ``globals["stress"]`` against
+    ``outputs["stress"]`` (weighted by ``globals["stress_weight"]``: 1 where the structure
+    has a reference stress, 0 elsewhere)."""
+
+    loss: str = "mse"
+    weight: float = 1.0
+    name: ClassVar[str] = "stress"
+
+    def __call__(self, outputs, graph, context):
+        return stress_term(outputs["stress"], graph.globals["stress"], graph,
+                           weights=graph.globals["stress_weight"], loss=self.loss)
 
 
 def add_position_noise(graph, key, sigma: float):

@@ -21,6 +21,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from mpattn.data.loader import BatchLoader, derive_budgets
@@ -38,9 +39,24 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step."""
 
 
-def build_state(config: TrainConfig, task, data, model_config, *, steps_per_epoch: int):
+def readout_labels(params) -> dict:
+    """``"train"`` for the parameters under a ``readout`` module, ``"frozen"`` for the others
+    (the labels of ``TrainConfig.trainable = "readout"``)."""
+    def label(path, _leaf):
+        return "train" if any(getattr(k, "key", None) == "readout" for k in path) else "frozen"
+
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    if "train" not in jax.tree.leaves(labels):
+        raise ValueError("--train-only-readout: the model has no parameters under a 'readout' "
+                         "module")
+    return labels
+
+
+def build_state(config: TrainConfig, task, data, model_config, *, steps_per_epoch: int,
+                init_params=None):
     """A fresh module and training state for ``config`` and ``task`` (also the restore
-    template of a run's checkpoints).
+    template of a run's checkpoints); ``init_params`` (an ``nnx.State`` of the module's
+    ``nnx.Param``s, e.g. a trained run's for fine-tuning) replaces the initial parameters.
 
     Returns:
         ``(module, graphdef, rest, optimizer, carry)``: ``carry`` is the pytree the train step
@@ -50,6 +66,8 @@ def build_state(config: TrainConfig, task, data, model_config, *, steps_per_epoc
     """
     model = create_model(config.model, rngs=nnx.Rngs(config.seed), config=model_config)
     module = task.module(model, data)
+    if init_params is not None:  # copies: the train step donates its buffers
+        nnx.update(module, jax.tree.map(lambda x: jnp.array(x, copy=True), init_params))
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     if config.x64:
         def wide(x):
@@ -59,6 +77,9 @@ def build_state(config: TrainConfig, task, data, model_config, *, steps_per_epoc
     optimizer = make_optimizer(config.lr, schedule=config.schedule,
                                steps_per_epoch=steps_per_epoch, epochs=config.epochs,
                                clip_norm=config.clip_norm, weight_decay=config.weight_decay)
+    if config.trainable == "readout":
+        optimizer = optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()},
+                                          readout_labels(params))
     carry = {"params": params, "opt": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
     if config.ema_decay:
         carry["ema"] = ema_init(params)
@@ -84,13 +105,16 @@ class Trainer:
             the optimizer state, not in the compiled step.
         run_info: JSON-able notes recorded in every checkpoint (e.g. how the epochs were
             planned), read back by :func:`mpattn.load_run` and ``--resume``.
+        init_params: start from these parameters (an ``nnx.State`` of the module's
+            ``nnx.Param``s; fine-tuning) instead of a fresh initialisation.
     """
 
     compiled_steps = ("train_step", "train_steps", "predict_step")
 
     def __init__(self, config: TrainConfig, task, data, workdir: str | Path, *,
                  model_config=None, log: Callable[[str], None] = print,
-                 compiled_from: Trainer | None = None, run_info: dict | None = None):
+                 compiled_from: Trainer | None = None, run_info: dict | None = None,
+                 init_params=None):
         config.check()
         task.check()
         task.check_data(data)
@@ -117,7 +141,8 @@ class Trainer:
                                   budgets=budgets)
         self.steps_per_epoch = len(self.loader)
         self.module, self.graphdef, self.rest, self.optimizer, self.carry = build_state(
-            config, task, data, self.model_config, steps_per_epoch=self.steps_per_epoch)
+            config, task, data, self.model_config, steps_per_epoch=self.steps_per_epoch,
+            init_params=init_params)
         self._eval_loaders: dict[int, BatchLoader] = {}
         self._check_batches()
         self.num_params = int(sum(x.size for x in jax.tree.leaves(self.carry["params"])))

@@ -173,16 +173,17 @@ def test_experiment_command_line(tmp_path, capsys):
                  "split.json"):
         assert (work / name).is_file(), name
     results = json.loads((work / "results.json").read_text())
-    assert results["split_sizes"] == [100, 20, 1880] and results["epochs"] == 1
+    assert results["split_sizes"] == {"train": 100, "val": 20, "test": 1880, "test_unseen": 0}
+    assert results["epochs"] == 1
     assert results["md"] == {"skipped": "--no-md"}
     assert results["test"]["force_mae_mev_ang"] > 0 and results["params"] > 0
-    assert results["task"] == {"kind": "energy_forces", "cutoff": 5.0, "beta": 0.99}
+    assert results["task"] == {"kind": "energy_forces", "cutoff": 5.0, "beta": 0.99,
+                               "stress_weight": 0.0}
     assert results["model"] == "attention" and results["config"]["model"] == "attention"
     split = json.loads((work / "split.json").read_text())
     assert len(split["train"]) == 100 and not set(split["train"]) & set(split["test"])
     missing = tmp_path / "absent.extxyz"
-    with pytest.raises(SystemExit):
-        main(["--data", str(missing), "--workdir", str(work)])
+    assert main(["--data", str(missing), "--workdir", str(work)]) == 2
     assert f"--data {missing}: no such file" in capsys.readouterr().err
 
 
