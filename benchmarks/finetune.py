@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sys
 from pathlib import Path
 
 import ase.io
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
               f"{r['split_sizes']['train']} training frames)")
     out = RESULTS / f"finetune-{device_name()}-{dt.date.today().isoformat()}.json"
     out.write_text(json.dumps({"command": "python -m benchmarks.finetune " + " ".join(
-        argv or []), "machine": machine_info(), "molecules": {
+        sys.argv[1:] if argv is None else argv), "machine": machine_info(), "molecules": {
             "qm9_like": sorted(set(frames.molecules[plain])),
             "sulfur": sorted(set(frames.molecules[sulfur]))}, "runs": results}, indent=1) + "\n")
     print(f"saved {out}")

@@ -198,3 +198,25 @@ def test_an_element_the_fine_tuned_model_cannot_embed_is_refused(spice_slice, tm
                            str(tmp_path / "ft"), *options]) == 2
     assert "element(s) ['S'] of the data are beyond the model's embedding table (max_z 9)" \
         in capsys.readouterr().err
+
+
+def test_a_trained_potentials_stress_is_finite_on_liquid_water(forces_only):
+    """64 water molecules at 1 g/cm³ (random orientations) through the calculator of the
+    potential trained above (it knows H and O)."""
+    from ase import Atoms
+    from ase.build import molecule
+
+    from mpattn.ase import Calculator
+
+    rng = np.random.default_rng(0)
+    side = (64 * 18.015 / 0.6022) ** (1 / 3)  # Å for 1 g/cm³
+    grid = (np.stack(np.meshgrid(*[np.arange(4)] * 3), -1).reshape(-1, 3) + 0.5) * side / 4
+    water = Atoms(cell=[side] * 3, pbc=True)
+    for centre in grid:
+        h2o = molecule("H2O")
+        h2o.rotate(rng.uniform(0, 360), rng.normal(size=3))
+        h2o.translate(centre - h2o.get_center_of_mass())
+        water += h2o
+    water.calc = Calculator(forces_only[0])
+    stress = water.get_stress()
+    assert stress.shape == (6,) and np.all(np.isfinite(stress)) and np.any(stress != 0)
