@@ -92,7 +92,8 @@ def main(argv=None) -> int:
                "per_batch_gb": (per_atom * 30e6 + per_frame * 1e6) / 1e9,
                "stored_gb": (per_atom * 30e6 + per_frame * 1e6 + per_edge * e30 * 1e6) / 1e9}
     result = {
-        "command": "python -m benchmarks.frames_memory " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks.frames_memory " + " ".join(
+            sys.argv[1:] if argv is None else argv),
         "date": dt.date.today().isoformat(), "machine": machine_info(),
         "frames": len(frames), "atoms": atoms, "edges": edges, "cutoff": args.cutoff,
         "per_batch": {"bytes": lazy.nbytes(), "rss_mb": r1 - r0, "build_s": lazy_s,
