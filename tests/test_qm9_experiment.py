@@ -179,6 +179,33 @@ def test_command_line_plans_epochs_only_without_epochs(monkeypatch, tmp_path):
     assert first.time_budget_min == 10.0 and first.checkpoint_every_s == 30.0
 
 
+def test_config_toml_repeats_the_settings_and_unknown_keys_are_refused(monkeypatch, tmp_path,
+                                                                       capsys):
+    """The options a run writes to config.toml give the same settings through --config; a key
+    that is no option stops before anything runs, naming the file and the key."""
+    import experiments.qm9_u0 as cli
+    from experiments.config_file import write_config
+
+    seen = []
+    monkeypatch.setattr(cli, "run", lambda config, task, **kw: seen.append(
+        (config, task, kw)) or {"test": {"mae_mev": 1.0}})
+    argv = ["--preset", "cpu", "--lr", "2e-3", "--denoise-sigma", "0.03", "--model-config",
+            '{"vector_features": true, "ff_dim": 48}', "--train-size", "900", "--workdir",
+            str(tmp_path / "a"), "--no-progress"]
+    assert cli.main(argv) == 0
+    config, task, kw = seen[0]
+    path = write_config(tmp_path / "config.toml", kw["options"])
+    assert "lr = 0.002" in path.read_text() and "[model_config]" in path.read_text()
+    assert cli.main(["--config", str(path), "--workdir", str(tmp_path / "b")]) == 0
+    config2, task2, kw2 = seen[1]
+    assert config2 == config and task2 == task and kw2["model_config"] == kw["model_config"]
+    assert kw2["sizes"] == kw["sizes"] and kw["sizes"][0] == 900
+    path.write_text("learning_rate = 0.1\n" + path.read_text())
+    with pytest.raises(SystemExit):
+        cli.main(["--config", str(path)])
+    assert "config.toml: unknown key 'learning_rate'" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------- planning the epochs
 
 
