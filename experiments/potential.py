@@ -89,10 +89,13 @@ def settings(args):
 
 
 def _sizes(args, protocol: dict) -> dict:
-    files = args.val is not None or args.test is not None
+    """The split sizes: the options, else the data's protocol; a ``--val`` file replaces the
+    validation share, a ``--test`` file the test part (training then takes the rest)."""
     sizes = {k: getattr(args, k) for k in SIZE_OPTIONS}
-    for k in SIZE_OPTIONS:  # the protocol fills what the options leave open (not with files)
-        if sizes[k] is None and not (files and k != "unseen_molecules"):
+    fill = {"unseen_molecules": True, "val_size": args.val is None,
+            "train_size": args.test is None, "test_size": args.test is None}
+    for k in SIZE_OPTIONS:
+        if sizes[k] is None and fill[k]:
             sizes[k] = protocol.get(k)
     return sizes
 

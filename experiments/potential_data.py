@@ -117,4 +117,11 @@ def split(frames, sizes: dict, seed: int, *, val_file: bool, test_file: bool) ->
         raise ValueError(f"--train-size/--val-size/--test-size: {err} (of the {n} frames of "
                          f"{len(np.unique(frames.molecules[seen]))} molecule(s) not held "
                          "out)") from None
+    for name, part, file in (("train", train, False), ("val", val, val_file),
+                             ("test", test, test_file)):
+        if not len(part) and not file:
+            raise ValueError(f"--train-size/--val-size/--test-size: no {name} frames left of "
+                             f"the {n} frames of the molecules not held out (give --{name} "
+                             "FILE or other sizes)" if name != "train" else
+                             f"--train-size {sizes['train_size']}: no training frames")
     return {"train": seen[train], "val": seen[val], "test": seen[test], "test_unseen": unseen}

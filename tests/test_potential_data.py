@@ -205,3 +205,24 @@ def test_a_bad_config_file_names_the_file_and_key(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         read_config(path, _parser())
+
+
+def test_validation_and_test_files_replace_their_parts_only():
+    from experiments.potential import _sizes
+
+    protocol = {"train_size": 0.8, "val_size": 0.1, "unseen_molecules": 0.0}
+    ns = argparse.Namespace(train_size=None, val_size=None, test_size=None,
+                            unseen_molecules=None, val="v.xyz", test=None)
+    assert _sizes(ns, protocol) == {"train_size": 0.8, "val_size": None, "test_size": None,
+                                    "unseen_molecules": 0.0}
+    ns.val, ns.test = None, "t.xyz"
+    assert _sizes(ns, protocol) == {"train_size": None, "val_size": 0.1, "test_size": None,
+                                    "unseen_molecules": 0.0}
+    frames = read_frames(ethanol_xtb_path()).subset(np.arange(20))
+    parts = potential_data.split(frames, _sizes(ns, protocol), 0, val_file=False,
+                                 test_file=True)
+    assert [len(parts[k]) for k in ("train", "val", "test")] == [18, 2, 0]
+    with pytest.raises(ValueError, match="no test frames left of the 20 frames"):
+        potential_data.split(frames, {"train_size": 18, "val_size": 2, "test_size": None,
+                                      "unseen_molecules": 0}, 0, val_file=False,
+                             test_file=False)
