@@ -37,6 +37,7 @@ from jaxtyping import Array, Float
 from mpattn.elements import as_atomic_numbers, element_counts, fit_linear_reference, symbols
 from mpattn.graph import graph_mask, node_mask
 from mpattn.nn.readout import sum_readout
+from mpattn.ops import graph_index
 
 __all__ = [
     "Potential",
@@ -276,11 +277,8 @@ def _energy_gradients(potential, graph: jraph.GraphsTuple, *, reference: bool, s
     shift = graph.edges.get("shift") if isinstance(graph.edges, dict) else None
     num_graphs = jnp.shape(graph.n_node)[0]
     if strain:  # the graph of each node and edge (static lengths: jit-able)
-        graph_ids = jnp.arange(num_graphs)
-        node_graph = jnp.repeat(graph_ids, jnp.asarray(graph.n_node),
-                                total_repeat_length=pos.shape[0])
-        edge_graph = jnp.repeat(graph_ids, jnp.asarray(graph.n_edge),
-                                total_repeat_length=jnp.shape(graph.senders)[0])
+        node_graph = graph_index(jnp.asarray(graph.n_node), pos.shape[0])
+        edge_graph = graph_index(jnp.asarray(graph.n_edge), jnp.shape(graph.senders)[0])
 
     def total(positions, eps=None):
         nodes, edges = {**graph.nodes, "positions": positions}, graph.edges

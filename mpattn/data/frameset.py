@@ -170,25 +170,13 @@ class FrameSet:
             frame ids; ``globals["cell"]`` float32[F, 3, 3] Å always (zeros for molecules:
             the volume a stress needs).
         """
-        from mpattn.neighbors import radius_edges
+        from mpattn.data.radius_graphs import build_edges
 
         if not cutoff > 0:
             raise ValueError(f"cutoff must be positive, got {cutoff}")
-        senders, receivers, shifts, n_edge = [], [], [], []
-        for i in range(len(self)):
-            a = self.atom_index(i)
-            periodic = bool(self.pbc[i].any())
-            try:
-                s, r, sh = radius_edges(self.positions[a], cutoff, self.cell[i] if periodic
-                                        else None, self.pbc[i] if periodic else None)
-            except ValueError as exc:
-                raise ValueError(f"{self.source}: frame {self.ids[i]}: {exc}") from exc
-            senders.append(s)
-            receivers.append(r)
-            shifts.append(sh.astype(np.float32))
-            n_edge.append(len(s))
-        e = int(sum(n_edge))
-        cat = np.concatenate
+        senders, receivers, bond, shift, n_edge = build_edges(
+            self.positions, self.offsets, self.cell, self.pbc, cutoff, np.arange(len(self)),
+            ids=self.ids, source=self.source)
         nodes = {
             "z": self.z.copy(),
             "positions": self.positions.astype(np.float32),
@@ -203,14 +191,11 @@ class FrameSet:
                 glob["stress"] = self.stress.copy()
         return GraphSet(
             n_node=self.n_atoms.copy(),
-            n_edge=np.asarray(n_edge, np.int32),
+            n_edge=n_edge,
             nodes=nodes,
-            edges={
-                "bond": np.full(e, 4, np.int32),
-                "shift": cat(shifts) if e else np.zeros((0, 3), np.float32),
-            },
-            senders=cat(senders) if e else np.zeros(0, np.int32),
-            receivers=cat(receivers) if e else np.zeros(0, np.int32),
+            edges={"bond": bond, "shift": shift},
+            senders=senders,
+            receivers=receivers,
             globals=glob,
             ids=self.ids.copy(),
         )

@@ -24,7 +24,7 @@ import numpy as np
 
 from mpattn.data.graphset import GraphSet
 
-__all__ = ["STORED_EDGES_MAX_BYTES", "RadiusGraphSet"]
+__all__ = ["STORED_EDGES_MAX_BYTES", "RadiusGraphSet", "build_edges"]
 
 #: up to this many bytes of edges, building them once and storing them is the faster choice
 STORED_EDGES_MAX_BYTES = 1 << 30
@@ -39,6 +39,25 @@ def _edges(positions, cutoff: float, cell, pbc, where: str):
                             cell if periodic else None, pbc if periodic else None)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from exc
+
+
+def build_edges(positions, offsets, cell, pbc, cutoff: float, index, *, ids, source: str = ""):
+    """The radius edges of the structures at ``index`` (rows ``offsets[i]:offsets[i+1]`` of
+    ``positions``): ``(senders, receivers, bond, shift, n_edge)`` laid out as a GraphSet's
+    (local indices, all bonds 4 = not bonded, float32 image shifts); errors name the frame."""
+    senders, receivers, shifts, n_edge = [], [], [], []
+    for i in np.asarray(index, np.int64).reshape(-1):
+        a = slice(int(offsets[i]), int(offsets[i + 1]))
+        s, r, sh = _edges(positions[a], cutoff, cell[i], pbc[i], f"{source}: frame {ids[i]}")
+        senders.append(s)
+        receivers.append(r)
+        shifts.append(sh.astype(np.float32))
+        n_edge.append(len(s))
+    e = int(sum(n_edge))
+    cat = np.concatenate
+    return (cat(senders) if e else np.zeros(0, np.int32),
+            cat(receivers) if e else np.zeros(0, np.int32), np.full(e, 4, np.int32),
+            cat(shifts) if e else np.zeros((0, 3), np.float32), np.asarray(n_edge, np.int32))
 
 
 @dataclass
@@ -98,27 +117,21 @@ class RadiusGraphSet:
         from mpattn.data.graphset import _ranges
 
         index = np.asarray(index, np.int64).reshape(-1)
-        senders, receivers, shifts = [], [], []
-        for i in index:
-            s, r, sh = self._graph_edges(int(i))
-            if len(s) != self.n_edge[i]:
-                raise RuntimeError(f"{self.source}: frame {self.ids[i]}: {len(s)} edges now, "
-                                   f"{self.n_edge[i]} when counted (positions changed?)")
-            senders.append(s)
-            receivers.append(r)
-            shifts.append(sh.astype(np.float32))
+        senders, receivers, bond, shift, n_edge = build_edges(
+            self.nodes["positions"], self.node_offsets, self.cell, self.pbc, self.cutoff, index,
+            ids=self.ids, source=self.source)
+        changed = np.flatnonzero(n_edge != self.n_edge[index])
+        if changed.size:
+            i = index[changed[0]]
+            raise RuntimeError(f"{self.source}: frame {self.ids[i]}: {n_edge[changed[0]]} edges "
+                               f"now, {self.n_edge[i]} when counted (positions changed?)")
         nidx = _ranges(self.node_offsets[index], self.n_node[index])
         nodes = {k: v[nidx] for k, v in self.nodes.items()}
         nodes["z"] = nodes["z"].astype(np.int32)
         nodes["features"] = np.zeros((len(nidx), 0), np.float32)
-        e = int(self.n_edge[index].sum())
-        cat = np.concatenate
         return GraphSet(
-            n_node=self.n_node[index], n_edge=self.n_edge[index], nodes=nodes,
-            edges={"bond": np.full(e, 4, np.int32),
-                   "shift": cat(shifts) if e else np.zeros((0, 3), np.float32)},
-            senders=cat(senders) if e else np.zeros(0, np.int32),
-            receivers=cat(receivers) if e else np.zeros(0, np.int32),
+            n_node=self.n_node[index], n_edge=n_edge, nodes=nodes,
+            edges={"bond": bond, "shift": shift}, senders=senders, receivers=receivers,
             globals={k: v[index] for k, v in self.globals.items()}, ids=self.ids[index])
 
     def maybe_stored(self, max_bytes: int | None = None):
