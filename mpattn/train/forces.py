@@ -192,7 +192,8 @@ class EnergyForceTask(Task):
                              f"{frames.source or 'the data'} has a stress (periodic frames "
                              "with a stress key)")
         for name, index in parts.items():
-            setattr(data, name, data.part(frames.subset(index), name))
+            setattr(data, name, data.part(train if name == "train" else frames.subset(index),
+                                          name))
         return data
 
     # ------------------------------------------------------------------ model and loss

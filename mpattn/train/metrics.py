@@ -155,25 +155,34 @@ def force_breakdown(pred_e, true_e, pred_f, true_f, n_atoms, z, molecules, *,
     if len(z) != len(pf) or len(molecules) != len(pe):
         raise ValueError(f"force_breakdown: {len(z)} atomic numbers for {len(pf)} force rows, "
                          f"{len(molecules)} labels for {len(pe)} structures")
-    ferr = (pf - tf) * 1000.0
+    ferr = np.abs(pf - tf) * 1000.0
+    fsq = np.square(ferr)
     per_element = {}
-    for e in np.unique(z):
-        rows = ferr[z == e]
-        mae, rmse = _mae_rmse(rows)
-        per_element[chemical_symbols[int(e)]] = {"n_atoms": int(len(rows)),
-                                                 "force_mae_mev_ang": mae,
-                                                 "force_rmse_mev_ang": rmse}
-    frame_of_atom = np.repeat(np.arange(len(n)), n)
-    de = (pe - te) * 1000.0
-    per_molecule = {}
-    for name in np.unique(molecules):
-        frames = molecules == name
-        atoms = frames[frame_of_atom]
-        per_molecule[str(name)] = {
-            "n_frames": int(frames.sum()), "n_atoms": int(n[frames][0]),
-            "energy_mae_mev": float(np.mean(np.abs(de[frames]))),
-            "energy_mae_mev_per_atom": float(np.mean(np.abs(de[frames] / n[frames]))),
-            "force_mae_mev_ang": float(np.mean(np.abs(ferr[atoms])))}
+    elements, of_atom = np.unique(z, return_inverse=True)
+    atoms_of = np.bincount(of_atom, minlength=len(elements))
+    abs_sum = np.bincount(of_atom, weights=ferr.sum(axis=1), minlength=len(elements))
+    sq_sum = np.bincount(of_atom, weights=fsq.sum(axis=1), minlength=len(elements))
+    for k, e in enumerate(elements):
+        per_element[chemical_symbols[int(e)]] = {
+            "n_atoms": int(atoms_of[k]), "force_mae_mev_ang": float(abs_sum[k] / (3 * atoms_of[k])),
+            "force_rmse_mev_ang": float(np.sqrt(sq_sum[k] / (3 * atoms_of[k])))}
+    # per molecule: one pass over frames and atoms (bincount), not one mask per molecule
+    names, of_frame = np.unique(molecules, return_inverse=True)
+    m = len(names)
+    de = np.abs(pe - te) * 1000.0
+    frames_of = np.bincount(of_frame, minlength=m)
+    e_sum = np.bincount(of_frame, weights=de, minlength=m)
+    ea_sum = np.bincount(of_frame, weights=de / n, minlength=m)
+    atom_mol = np.repeat(of_frame, n)
+    f_sum = np.bincount(atom_mol, weights=ferr.sum(axis=1), minlength=m)
+    f_cnt = np.bincount(atom_mol, minlength=m) * 3
+    first = np.zeros(m, np.int64)
+    first[of_frame[::-1]] = np.arange(len(of_frame))[::-1]  # each molecule's first frame
+    per_molecule = {str(name): {
+        "n_frames": int(frames_of[k]), "n_atoms": int(n[first[k]]),
+        "energy_mae_mev": float(e_sum[k] / frames_of[k]),
+        "energy_mae_mev_per_atom": float(ea_sum[k] / frames_of[k]),
+        "force_mae_mev_ang": float(f_sum[k] / f_cnt[k])} for k, name in enumerate(names)}
     ranked = sorted(per_molecule, key=lambda k: -per_molecule[k]["force_mae_mev_ang"])
     return {"per_element": per_element, "per_molecule": per_molecule,
             "worst_molecules": ranked[:worst]}
