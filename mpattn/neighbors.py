@@ -29,8 +29,8 @@ import numpy as np
 
 from mpattn.graph import Budget, edge_pairs, round_up
 
-__all__ = ["BudgetPolicy", "neighbor_graph", "pad_structure", "radius_edges",
-           "structure_arrays"]
+__all__ = ["BudgetPolicy", "dense_radius_graph", "neighbor_graph", "pad_structure",
+           "radius_edges", "structure_arrays"]
 
 logger = logging.getLogger("mpattn")
 
@@ -259,3 +259,65 @@ def neighbor_graph(system, cutoff: float, budget: Budget | None = None, *,
     if cell is not None:
         cells[0] = cell
     return graph._replace(globals={"cell": cells}), budget
+
+
+def dense_radius_graph(z, positions, cell, cutoff: float):
+    """The radius graph of up to ``n`` atoms built inside JAX (jit-able, vmap-able): no host
+    code, O(n²) pairs. Used where a whole step must stay on the device (the exported
+    potential, batched relaxation of many small structures).
+
+    Every unordered pair of the ``n`` slots is a candidate; it is real iff both atoms are
+    real (``z > 0``; padding atoms must come after the real ones) and their distance (minimum
+    image if ``cell`` has nonzero volume) is below ``cutoff``. Real edges are moved first by a
+    stable argsort, each pair's two directions adjacent, so the layout is
+    :func:`pad_structure`'s (padding edges point at the padding node ``n``, ``edges["pair"]``
+    holds, the masks come from ``n_node``/``n_edge``).
+
+    Args:
+        z: int32 [n] atomic numbers, 0 for absent atoms (after the real ones).
+        positions: [n, 3] Å.
+        cell: [3, 3] Å (rows the lattice vectors); zeros for a molecule.
+        cutoff: radius in Å (a Python float).
+
+    Returns:
+        ``(graph, ok_cell)``: the padded ``jraph.GraphsTuple`` (``n + 1`` nodes, two graphs,
+        ``globals["cell"]``), and whether the cell allows minimum image (the cutoff below
+        half its smallest perpendicular width; always true for a molecule).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    n = z.shape[0]
+    a, b = np.triu_indices(n, k=1)  # unordered pairs; edges 2k (b -> a) and 2k + 1 (a -> b)
+    senders = np.stack([b, a], 1).reshape(-1).astype(np.int32)
+    receivers = np.stack([a, b], 1).reshape(-1).astype(np.int32)
+    num_edges = len(senders)
+    real = z > 0
+    n_real = jnp.sum(real.astype(jnp.int32))
+    pos = jnp.where(real[:, None], positions, 0)
+    periodic = jnp.abs(jnp.linalg.det(cell)) > 0
+    inv = jnp.linalg.inv(jnp.where(periodic, cell, jnp.eye(3, dtype=cell.dtype)))
+    heights = 1.0 / jnp.linalg.norm(inv, axis=0)
+    ok_cell = ~periodic | (cutoff < 0.5 * jnp.min(heights))
+    d = pos[b] - pos[a]  # the edge vector of b -> a, before its image shift
+    image = jnp.where(periodic, -jnp.round(d @ inv), 0)
+    shift = jax.lax.stop_gradient(image @ cell)
+    dist = jnp.linalg.norm(d + shift, axis=-1)
+    edge_real = jnp.repeat(real[a] & real[b] & (dist < cutoff), 2)
+    shift = jnp.stack([shift, -shift], 1).reshape(num_edges, 3)
+    order = jnp.argsort(~edge_real, stable=True)  # real edges first, pairs adjacent
+    keep = edge_real[order]
+    n_edge = jnp.sum(edge_real.astype(jnp.int32))
+    graph = jraph.GraphsTuple(
+        nodes={"z": jnp.concatenate([jnp.where(real, z, 0), jnp.zeros(1, jnp.int32)]),
+               "positions": jnp.concatenate([pos, jnp.zeros((1, 3), pos.dtype)]),
+               "features": jnp.zeros((n + 1, 0), jnp.float32)},
+        edges={"bond": jnp.where(keep, 4, 0).astype(jnp.int32),
+               "shift": jnp.where(keep[:, None], shift[order], 0),
+               "pair": jnp.asarray(np.arange(num_edges, dtype=np.int32) // 2)},
+        senders=jnp.where(keep, jnp.asarray(senders)[order], n),
+        receivers=jnp.where(keep, jnp.asarray(receivers)[order], n),
+        n_node=jnp.stack([n_real, n + 1 - n_real]).astype(jnp.int32),
+        n_edge=jnp.stack([n_edge, num_edges - n_edge]).astype(jnp.int32),
+        globals={"cell": jnp.stack([cell, jnp.zeros_like(cell)])})
+    return graph, ok_cell

@@ -55,3 +55,37 @@ def cache_file(qm9_molset, tmp_path_factory):
     path = tmp_path_factory.mktemp("cache") / "qm9-slice.npz"
     save_molset(qm9_molset, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def ethanol_members(tmp_path_factory):
+    """Three tiny attention potentials (potential_helpers.TINY, one block, cutoff 4 Å) trained
+    60 epochs on frames 0-199 of the bundled ethanol xTB set from different random
+    initialisations (seeds 0, 1, 2; the same batches, so the compiled steps are shared): the
+    workdirs. Trained once per session for the ensemble, relaxation and MD-command tests."""
+    import numpy as np
+    from flax import nnx
+
+    from mpattn.data.frames import ethanol_xtb_path, read_frames
+    from mpattn.models import create_model, default_config
+    from mpattn.train import EnergyForceTask, TrainConfig, Trainer
+    from tests.potential_helpers import TINY
+
+    frames = read_frames(ethanol_xtb_path())
+    config = TrainConfig(model="attention", loss="mse", lr=3e-3, schedule="cosine",
+                         epochs=60, batch_size=8, ema_decay=0.99, checkpoint_every_s=1e9)
+    task = EnergyForceTask(cutoff=TINY["cutoff"], beta=0.99)
+    data = task.prepare(frames, (np.arange(200), np.arange(1000, 1016),
+                                 np.arange(1016, 1020)), config)
+    model_config = task.model_config(default_config("attention", **TINY))
+    root, first, workdirs = tmp_path_factory.mktemp("ethanol_members"), None, []
+    for seed in range(3):
+        init = nnx.state(task.module(create_model("attention", rngs=nnx.Rngs(seed),
+                                                  config=model_config), data), nnx.Param)
+        trainer = Trainer(config, task, data, root / f"m{seed}", model_config=model_config,
+                          log=lambda _msg: None, compiled_from=first, init_params=init)
+        trainer.fit(progress=False)
+        assert trainer.history[-1]["val_force_mae_mev_ang"] < 300  # it learned something
+        first = first or trainer
+        workdirs.append(root / f"m{seed}")
+    return workdirs

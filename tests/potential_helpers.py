@@ -23,6 +23,9 @@ from mpattn.potential import Potential, Reference, energy_and_forces
 CFG = AttentionConfig(dim=16, num_heads=2, head_dim=8, steps=2, ff_dim=32, num_rbf=8,
                       cutoff=4.0, attention_weights="softmax")
 SCHNET = SchNetConfig(dim=16, num_filters=16, interactions=2, num_rbf=8, cutoff=4.0)
+# one attention block: quicker to compile (the trained ethanol members of tests/conftest.py)
+TINY = {"dim": 16, "num_heads": 2, "head_dim": 8, "steps": 1, "ff_dim": 16, "num_rbf": 8,
+        "cutoff": 4.0, "attention_weights": "softmax"}
 REF = Reference((1, 6, 8), np.array([-13.6, -1029.5, -2042.6]), scale=0.7)
 # One padding budget per kind of batch: every call of a potential compiles once per dtype.
 MOL = (48, 384, 16)  # (n_node, n_edge, n_graph) of molecular batches

@@ -38,7 +38,7 @@ def energy_drift(times_ps, total_energy_eV, n_atoms: int) -> tuple[float, float]
 
 def run_nve(calc, atoms, *, timestep_fs: float = 0.5, steps: int = 20000,
             temperature_K: float = 300.0, seed: int = 0, log_every: int = 20,
-            progress: bool = True) -> dict:
+            progress: bool = True, trajectory=None) -> dict:
     """NVE (velocity Verlet) MD of a copy of ``atoms`` with ``calc``.
 
     Velocities are drawn from the Maxwell-Boltzmann distribution at ``temperature_K`` with
@@ -59,6 +59,8 @@ def run_nve(calc, atoms, *, timestep_fs: float = 0.5, steps: int = 20000,
         seed: seed of the velocities.
         log_every: record every this many steps.
         progress: show a tqdm progress bar.
+        trajectory: path of an extxyz file to write a frame at every record (energy,
+            forces, momenta, ``step``, ``time_ps``, ``temperature_K``, ``total_energy_eV``).
 
     Returns:
         A JSON-able dict: ``times_ps``, ``total_energy_eV``, ``potential_energy_eV``,
@@ -105,6 +107,7 @@ def run_nve(calc, atoms, *, timestep_fs: float = 0.5, steps: int = 20000,
                                                    "potential_energy_eV", "kinetic_energy_eV",
                                                    "temperature_K")}
     bar = tqdm(total=steps, disable=not progress, desc="NVE", unit="step", leave=False)
+    frames = None if trajectory is None else open(trajectory, "w")
 
     def record() -> None:
         epot = float(atoms.get_potential_energy())
@@ -114,6 +117,14 @@ def run_nve(calc, atoms, *, timestep_fs: float = 0.5, steps: int = 20000,
         rec["kinetic_energy_eV"].append(ekin)
         rec["total_energy_eV"].append(epot + ekin)
         rec["temperature_K"].append(float(atoms.get_temperature()))
+        if frames is not None:
+            import ase.io
+
+            atoms.info.update(step=dyn.nsteps, time_ps=rec["times_ps"][-1],
+                              temperature_K=rec["temperature_K"][-1],
+                              total_energy_eV=rec["total_energy_eV"][-1])
+            ase.io.write(frames, atoms, format="extxyz")
+            frames.flush()
         if dyn.nsteps:
             bar.update(dyn.nsteps - bar.n)
             bar.set_postfix(T=f"{rec['temperature_K'][-1]:.0f} K", refresh=False)
@@ -122,11 +133,13 @@ def run_nve(calc, atoms, *, timestep_fs: float = 0.5, steps: int = 20000,
     t0 = time.perf_counter()
     try:
         dyn.run(steps)
+        seconds = time.perf_counter() - t0
+        if steps % log_every:  # the last step, for drift and plots
+            record()
     finally:
         bar.close()
-    seconds = time.perf_counter() - t0
-    if steps % log_every:  # the last step, for drift and plots
-        record()
+        if frames is not None:
+            frames.close()
 
     n = len(atoms)
     drift, max_dev = energy_drift(rec["times_ps"], rec["total_energy_eV"], n)
