@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
                    help="more trained potentials: an ensemble with WORKDIR")
     p.add_argument("--max-force-std", type=float,
                    help="eV/Å: stop where the committee's force spread exceeds this")
-    p.add_argument("--skin", type=float, default=0.5, help="neighbour-list skin (Å)")
+    p.add_argument("--skin", type=float, default=0.3, help="neighbour-list skin (Å)")
     p.add_argument("--x64", action="store_true", help="float64 throughout")
     p.add_argument("--no-progress", action="store_true")
     return p

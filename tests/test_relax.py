@@ -56,11 +56,12 @@ def test_batched_fire_reaches_ase_fire_minima(pot, structures, batched):
         ref, nsteps = ase_fire(pot, atoms)
         got = batched["atoms"][k]
         assert got.info["converged"] and got.info["fmax"] < FMAX
+        # ASE's FIRE step in JAX: the same steps, the same minimum (float32 forces)
         assert got.get_potential_energy() == pytest.approx(ref.get_potential_energy(),
-                                                           abs=2e-3)
+                                                           abs=2e-4)
         np.testing.assert_allclose(got.get_all_distances(), ref.get_all_distances(),
-                                   atol=0.1)  # soft torsions: H-O differ 0.05 Å at 1 meV
-        assert 0.5 * nsteps <= got.info["relax_steps"] <= 2 * nsteps + 10
+                                   atol=2e-3)
+        assert abs(got.info["relax_steps"] - nsteps) <= 2
         # a relaxation, not a no-op: the energy went down
         atoms = atoms.copy()
         atoms.calc = Calculator.from_potential(pot)
@@ -108,7 +109,7 @@ def test_relax_command(ethanol_members, structures, tmp_path, capsys):
                            "--out", str(out_ase), "--engine", "ase", "--no-progress"]) == 0
     by_ase = ase.io.read(out_ase, ":")
     np.testing.assert_allclose([f.get_potential_energy() for f in frames],
-                               [f.get_potential_energy() for f in by_ase], atol=2e-3)
+                               [f.get_potential_energy() for f in by_ase], atol=2e-4)
     assert "relaxed 4 structures" in capsys.readouterr().out
     # not converged: written, flagged, exit status 3
     assert relax_cmd.main([work, str(src), "--fmax", "1e-5", "--max-steps", "5",

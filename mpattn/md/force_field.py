@@ -57,7 +57,10 @@ class ForceField:
             ``cutoff``).
         skin: the neighbour list holds pairs within ``cutoff + skin`` and is rebuilt when an
             atom has moved more than ``skin / 2`` (jax-md's ``dr_threshold``).
-        capacity_multiplier: headroom of the list's static capacity.
+        capacity_multiplier: headroom of the list's static capacity. Every listed pair costs
+            the model as much as a pair within the cutoff, so a small skin and headroom pay:
+            on 1,000 waters (2 CPU cores) 0.5 Å / 1.25 took 96 ms per step, 0.3 Å / 1.1 77 ms
+            (rebuilds included); an overflow costs one recompile.
         dtype: compute dtype (default the parameters', float32; ``"float64"`` needs
             ``jax.config.update("jax_enable_x64", True)`` first).
         min_distance: atoms closer than this (Å) are refused as overlapping.
@@ -67,8 +70,8 @@ class ForceField:
             cell too small for ``cutoff + skin`` (minimum image), or a non-smooth model.
     """
 
-    def __init__(self, potentials, atoms, *, cutoff: float | None = None, skin: float = 0.5,
-                 capacity_multiplier: float = 1.25, dtype=None, min_distance: float = 0.5):
+    def __init__(self, potentials, atoms, *, cutoff: float | None = None, skin: float = 0.3,
+                 capacity_multiplier: float = 1.15, dtype=None, min_distance: float = 0.5):
         import jax
         import jax.numpy as jnp
         from flax import nnx
@@ -228,6 +231,16 @@ class ForceField:
         out = [jax.value_and_grad(lambda r, m=m: self._member_energy(
             m, self.graph(r, neighbor)))(positions) for m in range(len(self.members))]
         return jnp.stack([e for e, _ in out]), -jnp.stack([g for _, g in out])
+
+    def needs_rebuild(self, positions, neighbor):
+        """Whether some atom moved more than ``skin / 2`` since the list was built (jax-md's
+        criterion; jit-able). Under ``vmap`` jax-md's own ``update`` turns its ``lax.cond``
+        into a select that rebuilds every step: callers decide with this outside the vmap."""
+        import jax
+        import jax.numpy as jnp
+
+        d = jax.vmap(self.displacement)(positions, neighbor.reference_position)
+        return jnp.max(jnp.sum(d * d, axis=-1)) > (self.skin / 2) ** 2
 
     def min_distance(self, positions, neighbor):
         """The shortest distance between listed pairs (``inf`` if none; jit-able)."""

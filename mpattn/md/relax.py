@@ -1,19 +1,19 @@
 """Batched geometry relaxation: FIRE on many structures at once, each with its own convergence.
 
-:func:`relax` pads structures into batches of one shape and runs jax-md's FIRE
-(``minimize.fire_descent``; Bitzek et al., PRL 97, 170201, 2006) ``vmap``-ped over the
-structures of a batch, ``block`` steps per jit-compiled call. Each structure keeps its own FIRE
-state (time step, mixing, velocity) and stops moving once its largest atomic force is below
-``fmax`` (its state is frozen, its step count stops); the batch ends when all have converged
-or after ``max_steps``. The graph of each structure is built inside the step by
+:func:`relax` pads structures into batches of one shape and runs FIRE (Bitzek et al., PRL 97,
+170201, 2006) ``vmap``-ped over the structures of a batch, ``block`` steps per jit-compiled
+call. The update is ASE's ``ase.optimize.FIRE`` step written in JAX, with ASE's settings
+(``dt`` 0.1, ``dtmax`` 1.0, ``Nmin`` 5, ``finc`` 1.1, ``fdec`` 0.5, ``astart`` 0.1, ``fa``
+0.99, ``maxstep`` 0.2 Å on the norm of the whole step; unit masses, Euler steps), so a batch
+takes the steps ASE would take one structure at a time and reaches the same minima (up to
+float32 rounding; jax-md's ``fire_descent`` integrates with velocity Verlet and has no
+``maxstep``, and lands in other basins of a rough surface). Each structure keeps its own FIRE
+state and stops once its largest atomic force is below ``fmax`` (its state is frozen, its
+step count stops); the batch ends when all have converged or after ``max_steps``.
+
+The graph of each structure is built inside the step by
 :func:`mpattn.neighbors.dense_radius_graph` (all pairs of its padded slots: meant for
 molecules and small cells, as QM9 is), so a step never leaves the device.
-
-FIRE's settings are ASE's (``dt`` 0.1, ``dtmax`` 1.0, ``Nmin`` 5, ``finc`` 1.1, ``fdec`` 0.5,
-``astart`` 0.1, ``fa`` 0.99, unit masses) and ASE's ``maxstep`` (0.2 Å on the norm of a
-structure's whole displacement) is applied through the shift function, so a batch relaxes as
-``ase.optimize.FIRE`` would one structure at a time, to the same minima (the step counts
-differ a little: jax-md's FIRE integrates with velocity Verlet, ASE's with Euler steps).
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from mpattn.graph import round_up
 
 __all__ = ["FIRE_SETTINGS", "relax"]
 
-FIRE_SETTINGS = {"dt_start": 0.1, "dt_max": 1.0, "n_min": 5, "f_inc": 1.1, "f_dec": 0.5,
-                 "alpha_start": 0.1, "f_alpha": 0.99}
+# ase.optimize.FIRE's defaults
+FIRE_SETTINGS = {"dt": 0.1, "dtmax": 1.0, "Nmin": 5, "finc": 1.1, "fdec": 0.5, "astart": 0.1,
+                 "fa": 0.99}
 
 
 def relax(potential, structures, *, fmax: float = 0.05, max_steps: int = 1000,
@@ -65,7 +66,6 @@ def relax(potential, structures, *, fmax: float = 0.05, max_steps: int = 1000,
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from jax_md import minimize
     from tqdm.auto import tqdm
 
     from mpattn.md.force_field import check_structure
@@ -98,27 +98,53 @@ def relax(potential, structures, *, fmax: float = 0.05, max_steps: int = 1000,
         pot = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
         return pot(graph, reference=False)["energy"][0]
 
-    def shift(r, dr, **unused):  # ASE's maxstep: the norm of the structure's whole step
-        norm = jnp.sqrt(jnp.sum(dr * dr))
-        return r + dr * jnp.minimum(1.0, maxstep / jnp.maximum(norm, 1e-12))
+    force_fn = jax.value_and_grad(energy)
+    c = FIRE_SETTINGS
 
-    init_fn, apply_fn = minimize.fire_descent(energy, shift, **FIRE_SETTINGS)
+    def init_fn(r, z, cell):
+        e, g = force_fn(r, z, cell)
+        zero = jnp.zeros((), r.dtype)
+        return {"r": r, "v": jnp.zeros_like(r), "f": -g, "e": e, "dt": zero + c["dt"],
+                "a": zero + c["astart"], "n": jnp.zeros((), jnp.int32),
+                "started": jnp.zeros((), bool)}
+
+    def step_fn(st, z, cell):  # ase.optimize.FIRE.step
+        f, v, dt, a, n = st["f"], st["v"], st["dt"], st["a"], st["n"]
+        vf = jnp.vdot(f, v)
+        norm_f = jnp.maximum(jnp.sqrt(jnp.vdot(f, f)), 1e-30)
+        up = st["started"] & (vf > 0)
+        reset = st["started"] & ~(vf > 0)
+        mixed = (1 - a) * v + a * f / norm_f * jnp.sqrt(jnp.vdot(v, v))
+        v = jnp.where(up, mixed, jnp.where(reset, 0.0, v))
+        grow = up & (n > c["Nmin"])
+        dt = jnp.where(grow, jnp.minimum(dt * c["finc"], c["dtmax"]),
+                       jnp.where(reset, dt * c["fdec"], dt))
+        a = jnp.where(grow, a * c["fa"], jnp.where(reset, c["astart"], a))
+        n = jnp.where(up, n + 1, jnp.where(reset, 0, n))
+        v = v + dt * f
+        dr = dt * v
+        norm = jnp.sqrt(jnp.vdot(dr, dr))
+        dr = jnp.where(norm > maxstep, maxstep * dr / jnp.maximum(norm, 1e-30), dr)
+        r = st["r"] + dr
+        e, g = force_fn(r, z, cell)
+        return {"r": r, "v": v, "f": -g, "e": e, "dt": dt, "a": a, "n": n,
+                "started": jnp.ones((), bool)}
 
     def largest_force(st, z):
-        return jnp.max(jnp.where(z > 0, jnp.linalg.norm(st.force, axis=-1), 0))
+        return jnp.max(jnp.where(z > 0, jnp.linalg.norm(st["f"], axis=-1), 0))
 
     def run(st, z, cell, steps):
         def body(_, carry):
-            s, n = carry
+            s, k = carry
             done = largest_force(s, z) < fmax
-            new = apply_fn(s, z=z, cell=cell)
+            new = step_fn(s, z, cell)
             s = jax.tree.map(lambda old, nw: jnp.where(done, old, nw), s, new)
-            return s, n + jnp.where(done, 0, 1)
+            return s, k + jnp.where(done, 0, 1)
 
         st, steps = jax.lax.fori_loop(0, block, body, (st, steps))
         return st, steps, largest_force(st, z)
 
-    batched_init = jax.jit(jax.vmap(lambda r, z, c: init_fn(r, z=z, cell=c)))
+    batched_init = jax.jit(jax.vmap(init_fn))
     batched_run = jax.jit(jax.vmap(run))
     shapes: set = set()
 
@@ -144,8 +170,8 @@ def relax(potential, structures, *, fmax: float = 0.05, max_steps: int = 1000,
                 fm = np.asarray(fm)[:len(idx)]
                 if np.all(fm < fmax) or taken >= max_steps:
                     break
-            e = np.asarray(jax.jit(jax.vmap(energy))(st.position, z, cell), np.float64)
-            pos, force = np.asarray(st.position, np.float64), np.asarray(st.force, np.float64)
+            e = np.asarray(st["e"], np.float64)
+            pos, force = np.asarray(st["r"], np.float64), np.asarray(st["f"], np.float64)
             for j, i in enumerate(idx):
                 a = structures[i]
                 e_i = float(e[j]) + float(reference.energy(a.get_atomic_numbers(), [len(a)])[0])
