@@ -43,8 +43,9 @@ def relax(potential, structures, *, fmax: float = 0.05, max_steps: int = 1000,
             directions; the cell stays fixed).
         fmax: convergence: the largest atomic force below this (eV/Å).
         max_steps: FIRE steps at most per structure.
-        batch_size: structures per batch (every batch is padded to the largest structure,
-            rounded up to a multiple of 8 atoms: one compile).
+        batch_size: slots per batch. Structures are grouped by size (padded to a multiple of
+            8 atoms: one compile per group); a slot whose structure has finished takes the
+            next one of its group, so the batch stays full.
         maxstep: the largest norm of a structure's displacement in one step (Å).
         block: steps per jit-compiled call (the host checks convergence between calls).
         dtype: compute dtype (default the parameters', float32).
@@ -136,7 +137,7 @@ def relax(potential, structures, *, fmax: float = 0.05, max_steps: int = 1000,
     def run(st, z, cell, steps):
         def body(_, carry):
             s, k = carry
-            done = largest_force(s, z) < fmax
+            done = (largest_force(s, z) < fmax) | (k >= max_steps)
             new = step_fn(s, z, cell)
             s = jax.tree.map(lambda old, nw: jnp.where(done, old, nw), s, new)
             return s, k + jnp.where(done, 0, 1)
@@ -146,62 +147,84 @@ def relax(potential, structures, *, fmax: float = 0.05, max_steps: int = 1000,
 
     batched_init = jax.jit(jax.vmap(init_fn))
     batched_run = jax.jit(jax.vmap(run))
-    shapes: set = set()
+    widths: set = set()
 
     n = len(structures)
-    batch_size = min(batch_size, round_up(n, 8))  # no empty padding beyond the data
-    width = round_up(max(len(a) for a in structures), 8)  # one shape: one compile
+    sizes = np.array([len(a) for a in structures])
     out_energy, out_steps = np.zeros(n), np.zeros(n, np.int64)
     out_conv, out_fmax = np.zeros(n, bool), np.zeros(n)
     relaxed = [None] * n
     bar = tqdm(total=n, disable=not progress, desc="relax", unit="structure", leave=False)
     t0 = time.perf_counter()
     try:
-        for start in range(0, n, batch_size):
-            idx = list(range(start, min(n, start + batch_size)))
-            z, r, cell = _pad([structures[i] for i in idx], width, batch_size, dtype)
-            shapes.add(width)
-            st = batched_init(r, z, cell)
-            steps = jnp.zeros(batch_size, jnp.int32)
-            taken = 0
-            while True:
-                st, steps, fm = batched_run(st, z, cell, steps)
-                taken += block
-                fm = np.asarray(fm)[:len(idx)]
-                if np.all(fm < fmax) or taken >= max_steps:
-                    break
-            e = np.asarray(st["e"], np.float64)
-            pos, force = np.asarray(st["r"], np.float64), np.asarray(st["f"], np.float64)
-            for j, i in enumerate(idx):
-                a = structures[i]
-                e_i = float(e[j]) + float(reference.energy(a.get_atomic_numbers(), [len(a)])[0])
-                relaxed[i] = _relaxed(a, pos[j, :len(a)], force[j, :len(a)], e_i,
-                                      int(np.asarray(steps)[j]), bool(fm[j] < fmax),
-                                      float(fm[j]))
-                out_energy[i], out_steps[i] = e_i, relaxed[i].info["relax_steps"]
-                out_conv[i], out_fmax[i] = fm[j] < fmax, fm[j]
-            bar.update(len(idx))
+        # structures of one padded width share a batch of slots; a slot whose structure
+        # converged (or ran out of steps) takes the next waiting one at the next block
+        for width in sorted(set(round_up(int(k), 8) for k in sizes)):
+            waiting = [int(i) for i in np.flatnonzero(round_up_array(sizes, 8) == width)]
+            slots = min(batch_size, round_up(len(waiting), 8))
+            widths.add((width, slots))
+            owner = np.full(slots, -1)
+            z = np.zeros((slots, width), np.int32)
+            r = np.zeros((slots, width, 3))
+            cell = np.zeros((slots, 3, 3))
+            st = steps = None
+            while waiting or np.any(owner >= 0):
+                free = np.flatnonzero(owner < 0)
+                if waiting and len(free):
+                    new = np.zeros(slots, bool)
+                    for j in free[:len(waiting)]:
+                        i = waiting.pop(0)
+                        owner[j], new[j] = i, True
+                        _fill(structures[i], j, z, r, cell)
+                    zj, rj, cj = (jnp.asarray(z), jnp.asarray(r, dtype),
+                                  jnp.asarray(cell, dtype))
+                    fresh = batched_init(rj, zj, cj)
+                    if st is None:
+                        st, steps = fresh, jnp.zeros(slots, jnp.int32)
+                    else:
+                        m = jnp.asarray(new)
+                        st = jax.tree.map(lambda a, b, m=m: jnp.where(
+                            m.reshape((-1,) + (1,) * (a.ndim - 1)), b, a), st, fresh)
+                        steps = jnp.where(m, 0, steps)
+                st, steps, fm = batched_run(st, zj, cj, steps)
+                fm, k = np.asarray(fm), np.asarray(steps)
+                finished = np.flatnonzero((owner >= 0) & ((fm < fmax) | (k >= max_steps)))
+                if len(finished):
+                    e = np.asarray(st["e"], np.float64)
+                    pos, force = np.asarray(st["r"], np.float64), np.asarray(st["f"],
+                                                                              np.float64)
+                for j in finished:
+                    i, a = int(owner[j]), structures[int(owner[j])]
+                    e_i = float(e[j]) + float(reference.energy(a.get_atomic_numbers(),
+                                                               [len(a)])[0])
+                    relaxed[i] = _relaxed(a, pos[j, :len(a)], force[j, :len(a)], e_i,
+                                          int(k[j]), bool(fm[j] < fmax), float(fm[j]))
+                    out_energy[i], out_steps[i] = e_i, int(k[j])
+                    out_conv[i], out_fmax[i] = fm[j] < fmax, fm[j]
+                    owner[j] = -1
+                    z[j] = 0  # an empty slot: no atoms, converged at once
+                bar.update(len(finished))
     finally:
         bar.close()
     return {"atoms": relaxed, "energies": out_energy, "steps": out_steps,
             "converged": out_conv, "fmax": out_fmax, "seconds": time.perf_counter() - t0,
-            "compiles": len(shapes)}
+            "compiles": len(widths)}
 
 
-def _pad(structures, width: int, batch: int, dtype):
-    """``(z int32 [batch, width], positions [batch, width, 3], cells [batch, 3, 3])``;
-    missing structures of a short last batch are empty (all z = 0)."""
-    import jax.numpy as jnp
+def round_up_array(x, multiple: int) -> np.ndarray:
+    """:func:`mpattn.graph.round_up` of every entry."""
+    return -(-np.asarray(x) // multiple) * multiple
 
-    z = np.zeros((batch, width), np.int32)
-    r = np.zeros((batch, width, 3), np.float64)
-    cell = np.zeros((batch, 3, 3), np.float64)
-    for j, a in enumerate(structures):
-        z[j, :len(a)] = a.get_atomic_numbers()
-        r[j, :len(a)] = a.get_positions()
-        if np.all(a.get_pbc()):
-            cell[j] = np.asarray(a.get_cell())
-    return jnp.asarray(z), jnp.asarray(r, dtype), jnp.asarray(cell, dtype)
+
+def _fill(atoms, j: int, z, r, cell) -> None:
+    """Put ``atoms`` into slot ``j`` of the padded host arrays."""
+    z[j] = 0
+    r[j] = 0
+    cell[j] = 0
+    z[j, :len(atoms)] = atoms.get_atomic_numbers()
+    r[j, :len(atoms)] = atoms.get_positions()
+    if np.all(atoms.get_pbc()):
+        cell[j] = np.asarray(atoms.get_cell())
 
 
 def _relaxed(atoms, positions, forces, energy, steps, converged, fmax):
