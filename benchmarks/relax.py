@@ -18,11 +18,10 @@ K structures only and extrapolates its time per molecule to all of them (the out
 
 The final energies of the structures both relaxed are compared: median and 95th percentile of
 ``|ΔE|`` (meV) over those both converged, and the count above ``--energy-tolerance`` (1 meV):
-FIRE takes a slightly different path in each (jax-md's FIRE integrates with velocity Verlet,
-ASE's with Euler steps; the same settings and the same 0.2 Å cap on a structure's whole step),
-and near a soft torsion two paths can end in different conformers: another minimum, not a
-disagreement of the potentials; on a soft mode a point with all forces below ``fmax`` can also
-lie meV above the minimum. ``intact``
+the batched FIRE is ASE's FIRE step in JAX (same settings, same 0.2 Å cap on a structure's
+whole step), so both take the same path up to float32 rounding of the forces; where a path
+passes near a saddle of a soft torsion, rounding can still send the two into different
+conformers: another minimum, not a disagreement of the potentials. ``intact``
 counts the molecules whose covalent bonds (ASE radii, x1.25) at the end are those of the QM9
 geometry: a molecule that fell apart or rearranged on the way is no relaxation. Prints the
 table and writes ``benchmarks/results/relax-<device>-<date>.json`` and ``.png`` (histogram of
