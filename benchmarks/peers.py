@@ -4,6 +4,7 @@
     python -m benchmarks.peers --minutes 10                 # + test MAE after 10 min each
     python -m benchmarks.peers --models mpnn --batches 2 --molecules 300 --no-save
     python -m benchmarks.peers --models schnet --steps-per-call 4   # ours: 4 steps per jit call
+    python -m benchmarks.peers --models painn --minutes 10     # SchNetPack's PaiNN, own venv
 
 Needs the ``bench`` extra (``pip install -e ".[bench]"``: torch, torch-geometric). The PyG
 peers are built from OUR default configs (``mpattn.models.default_config``), so a config change
@@ -60,6 +61,12 @@ validation after each epoch and once after stopping). Plus a row "<model> (cpu p
 default model (``attention``, silu attention weights), its model config and task and
 ``time_budget_min=M``, its epochs not planned (``--no-preset-row`` skips it).
 
+**painn** (``--models painn``, accuracy only, needs ``--minutes``): SchNetPack 2's PaiNN with
+SchNetPack's own QM9 settings, trained in a virtual environment of its own (``--venvs``,
+made on first use: ``benchmarks/peer_venvs.py``) for ``--minutes`` of Lightning's
+``max_time`` on the same split and per-element reference (``benchmarks/peers_painn.py``,
+``benchmarks/peer_workers/painn_worker.py``); its row sits beside the cpu preset's.
+
 Writes ``peers-<device>-<date>[-n].json`` (and ``.png``, test MAE bars, with ``--minutes``) under
 ``--out`` (default ``benchmarks/results/``).
 """
@@ -85,6 +92,7 @@ from benchmarks.common import (
     qm9_molecules,
     write_result,
 )
+from benchmarks.peer_venvs import DEFAULT_ROOT
 from benchmarks.pyg_models import (
     MODELS,
     build_pyg,
@@ -345,7 +353,8 @@ def _ours_row(model: str, results: dict, planned: int | None) -> dict:
 
 def accuracy_rows(models, speed: dict, *, minutes: float, batch_size: int, workdir: Path,
                   preset_row: bool = True, progress: bool = True,
-                  dataset_cache: Path | None = None, device=None) -> list[dict]:
+                  dataset_cache: Path | None = None, device=None,
+                  venvs: Path | None = None) -> list[dict]:
     """Test MAE after ``minutes`` of training for ours and PyG (see the module docstring).
 
     Args:
@@ -356,6 +365,7 @@ def accuracy_rows(models, speed: dict, *, minutes: float, batch_size: int, workd
         workdir: Folder for ``experiments.qm9_u0.run``'s outputs and the shared split file.
         dataset_cache: a featurized QM9 cache file to read instead of qm9pack.
         device: the PyG peers' torch device (default :func:`torch_device`).
+        venvs: folder of the peers' own venvs (``painn``; ``benchmarks.peer_venvs``).
     """
     from experiments.configs.qm9 import PRESETS
     from experiments.qm9_u0 import run
@@ -373,6 +383,13 @@ def accuracy_rows(models, speed: dict, *, minutes: float, batch_size: int, workd
                           ema_decay=None, time_budget_min=minutes)
         if prepared is None:
             prepared = task.prepare(ms, split, cfg)
+        if name == "painn":  # SchNetPack's PaiNN in its own venv, Lightning's max_time
+            from benchmarks.peers_painn import painn_row
+
+            rows.append(painn_row(ms, split, prepared, minutes=minutes, workdir=workdir,
+                                  venvs=venvs))
+            print(format_accuracy_row(rows[-1]), flush=True)
+            continue
         plan = {fw: planned_epochs(minutes, speed[name, fw], SIZES[0]) for fw in ("ours", "pyg")}
         res = run(dataclasses.replace(cfg, epochs=plan["ours"]), task, workdir=workdir / name,
                   split_file=split_file, progress=progress, dataset_cache=dataset_cache,
@@ -416,15 +433,17 @@ def plot_accuracy(rows: list[dict], path: Path, minutes: float) -> None:
 
     names = list(dict.fromkeys(r["model"] for r in rows))
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for fw, label, color in (("ours", "mpattn (JAX)", "C0"), ("pyg", "PyG", "C1")):
+    for fw, label, color in (("ours", "mpattn (JAX)", "C0"), ("pyg", "PyG", "C1"),
+                             ("schnetpack", "SchNetPack", "C2")):
         xs, ys = [], []
         for i, n in enumerate(names):
             have = {r["framework"]: r["test_mae_mev"] for r in rows if r["model"] == n}
             if fw in have:  # side by side where both ran, centred where one did
                 xs.append(i + (0.0 if len(have) == 1 else (-0.2 if fw == "ours" else 0.2)))
                 ys.append(have[fw])
-        bars = ax.bar(xs, ys, width=0.4, label=label, color=color)
-        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        if xs:
+            bars = ax.bar(xs, ys, width=0.4, label=label, color=color)
+            ax.bar_label(bars, fmt="%.0f", fontsize=8)
     maes = [r["test_mae_mev"] for r in rows]
     if max(maes) > 10 * min(maes):
         ax.set_yscale("log")
@@ -443,7 +462,10 @@ def plot_accuracy(rows: list[dict], path: Path, minutes: float) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.peers",
                                  description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, "painn"],
+                    help="painn: SchNetPack 2's PaiNN at equal --minutes, in its own venv")
+    ap.add_argument("--venvs", type=Path, default=None,
+                    help="folder of the peers' own venvs (default ~/.cache/mpattn/peer-venvs)")
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 128])
     ap.add_argument("--batches", type=int, default=8, help="timed batches per model and size")
     ap.add_argument("--molecules", type=int, default=2000,
@@ -467,21 +489,27 @@ def main(argv=None) -> int:
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
     check_timing_arguments(ap, args)
-    try:
-        torch, pyg = require_torch()
-    except ImportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-    # JAX would take 75% of the GPU's memory at start-up and leave torch the rest
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    torch.set_num_threads(args.threads)
-    device = torch_device(args.torch_device)
+    if "painn" in args.models and not args.minutes:
+        ap.error("--models painn is compared at equal time: give --minutes")
+    pyg_models = [m for m in args.models if m in MODELS]
+    torch = pyg = device = None
+    if pyg_models:
+        try:
+            torch, pyg = require_torch()
+        except ImportError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        # JAX would take 75% of the GPU's memory at start-up and leave torch the rest
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        torch.set_num_threads(args.threads)
+        device = torch_device(args.torch_device)
     sizes = list(dict.fromkeys(args.batch_sizes + ([args.batch_size] if args.minutes else [])))
-    gs = qm9_graphs(args.molecules, "complete", dataset_cache=args.dataset_cache)
-    print(speed_header(args.steps_per_call), flush=True)
+    gs = qm9_graphs(args.molecules, "complete", dataset_cache=args.dataset_cache) \
+        if pyg_models else None
+    if pyg_models:
+        print(speed_header(args.steps_per_call), flush=True)
     rows = []
-    for name in args.models:
+    for name in pyg_models:
         for bs in sizes:
             rows.append(measure_pair(name, gs, bs, args.batches, device=device,
                                      steps_per_call=args.steps_per_call,
@@ -491,8 +519,8 @@ def main(argv=None) -> int:
     print(f"timing: {timing}; our train steps per call: {args.steps_per_call}", flush=True)
     payload = {"edge_set": "complete", "molecules": args.molecules, "batches": args.batches,
                "timing": timing, "steps_per_call": args.steps_per_call,
-               "torch": torch.__version__, "torch_geometric": pyg.__version__,
-               "torch_threads": torch.get_num_threads(), "torch_device": str(device),
+               "torch": torch and torch.__version__, "torch_geometric": pyg and pyg.__version__,
+               "torch_threads": torch and torch.get_num_threads(), "torch_device": str(device),
                "rows": rows}
     if args.minutes:
         speed = {(r["model"], fw): r[fw]["train_mol_per_s"] for r in rows
@@ -504,7 +532,8 @@ def main(argv=None) -> int:
             acc = accuracy_rows(args.models, speed, minutes=args.minutes,
                                 batch_size=args.batch_size, workdir=workdir,
                                 preset_row=not args.no_preset_row,
-                                dataset_cache=args.dataset_cache, device=device)
+                                dataset_cache=args.dataset_cache, device=device,
+                                venvs=args.venvs or DEFAULT_ROOT)
         print(ACCURACY_HEADER)
         print("\n".join(format_accuracy_row(r) for r in acc))
         payload["accuracy"] = {"minutes": args.minutes, "batch_size": args.batch_size,
