@@ -18,7 +18,6 @@ The validation curve (force MAE against the summed epoch times) is read from the
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import shutil
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ase_side import md_speed, predict, write_report  # noqa: E402
+from ase_side import measure, worker_arguments, write_report  # noqa: E402
 
 
 def settings(parts: Path, out: Path, epochs: int, seed: int, n_train: int,
@@ -89,14 +88,7 @@ def train(parts: Path, out: Path, epochs: int, seed: int) -> tuple[Path, list, f
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", type=Path, required=True, help="train/val/test .extxyz folder")
-    ap.add_argument("--minutes", type=float, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--md", type=Path, nargs="*", default=[], help="structures for MD speed")
-    ap.add_argument("--md-steps", type=int, default=100)
-    args = ap.parse_args(argv)
+    args = worker_arguments(__doc__, argv)
     import apax
     import ase
     import jax
@@ -113,9 +105,7 @@ def main(argv=None) -> int:
     from apax.md import ASECalculator
 
     calc = ASECalculator(model_dir=model_dir)
-    predictions = {p: predict(calc, args.parts / f"{p}.extxyz") for p in ("test", "test_unseen")
-                   if (args.parts / f"{p}.extxyz").is_file()}
-    md = [md_speed(calc, s, steps=args.md_steps) for s in args.md]
+    predictions, md = measure(calc, args.parts, args.md, args.md_steps)
     n_train = count_frames(args.parts / "train.extxyz")
     params = None
     try:

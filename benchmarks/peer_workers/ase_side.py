@@ -4,7 +4,9 @@ workers there) and ours imports the same code.
 
 - :func:`predict`: energy and forces of every frame of a file, one calculator call each;
 - :func:`md_speed`: velocity-Verlet NVE steps/s through the calculator after a warm-up;
-- :func:`write_report`: the worker's report, ``report.json`` + ``predictions.npz``.
+- :func:`measure`: both, on the test parts and MD structures a worker was given;
+- :func:`write_report`: the worker's report, ``report.json`` + ``predictions.npz``;
+- :func:`worker_arguments`: the command line every potential worker takes.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["md_speed", "predict", "write_report"]
+__all__ = ["md_speed", "measure", "predict", "worker_arguments", "write_report"]
 
 
 def predict(calc, path) -> dict:
@@ -72,3 +74,25 @@ def write_report(out, report: dict, predictions: dict[str, dict]) -> Path:
     report = dict(report, predict_seconds={p: v["seconds"] for p, v in predictions.items()})
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     return out / "report.json"
+
+
+def worker_arguments(doc: str, argv=None):
+    """The potential workers' options (``--parts``, ``--minutes``, ``--out``, ``--seed``,
+    ``--md``, ``--md-steps``), parsed."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--parts", type=Path, required=True, help="train/val/test .extxyz folder")
+    ap.add_argument("--minutes", type=float, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--md", type=Path, nargs="*", default=[], help="structures for MD speed")
+    ap.add_argument("--md-steps", type=int, default=100)
+    return ap.parse_args(argv)
+
+
+def measure(calc, parts: Path, md: list, md_steps: int) -> tuple[dict, list]:
+    """``(predictions of test and test_unseen where written, MD speed rows)`` via ``calc``."""
+    predictions = {p: predict(calc, Path(parts) / f"{p}.extxyz")
+                   for p in ("test", "test_unseen") if (Path(parts) / f"{p}.extxyz").is_file()}
+    return predictions, [md_speed(calc, s, steps=md_steps) for s in md]

@@ -19,7 +19,6 @@ the first epoch began) is read from the same log.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import math
 import re
@@ -30,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ase_side import md_speed, predict, write_report  # noqa: E402
+from ase_side import measure, worker_arguments, write_report  # noqa: E402
 
 CHANNELS, MAX_L = 32, 1
 LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.?\d* INFO: (Initial|Epoch (\d+)): "
@@ -87,14 +86,7 @@ def train(parts: Path, out: Path, epochs: int, seed: int) -> tuple[Path, list, f
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", type=Path, required=True, help="train/val/test .extxyz folder")
-    ap.add_argument("--minutes", type=float, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--md", type=Path, nargs="*", default=[], help="structures for MD speed")
-    ap.add_argument("--md-steps", type=int, default=100)
-    args = ap.parse_args(argv)
+    args = worker_arguments(__doc__, argv)
     import ase
     import mace
     import torch
@@ -115,9 +107,7 @@ def main(argv=None) -> int:
 
     calc = MACECalculator(model_paths=str(model), device="cpu", default_dtype="float32")
     n_params = sum(p.numel() for p in torch.load(model, weights_only=False).parameters())
-    predictions = {p: predict(calc, args.parts / f"{p}.extxyz") for p in ("test", "test_unseen")
-                   if (args.parts / f"{p}.extxyz").is_file()}
-    md = [md_speed(calc, s, steps=args.md_steps) for s in args.md]
+    predictions, md = measure(calc, args.parts, args.md, args.md_steps)
     n_train = sum(1 for line in (args.parts / "train.extxyz").read_text().splitlines()
                   if line.strip().isdigit())
     train_s = curve[-1][0]
