@@ -3,7 +3,8 @@ wall-clock minutes on the same machine; test errors, training speed, MD speed th
 
     python -m benchmarks.peers_potentials --minutes 10                 # ethanol: ours, MACE, apax
     python -m benchmarks.peers_potentials --minutes 10 --data spice_like_xtb
-    python -m benchmarks.peers_potentials --minutes 10 --peers apax --no-ours
+    python -m benchmarks.peers_potentials --minutes 10 --peers apax --ours      # apax alone
+    python -m benchmarks.peers_potentials --minutes 10 --ours attention so3krates --peers
 
 **Data**: a bundled set by name (``ethanol_xtb``: 950 / 50 / 1000 frames, rMD17 protocol;
 ``spice_like_xtb``: a fifth of the molecules unseen, then 80 / 5 / 15 %) split exactly as
@@ -15,22 +16,24 @@ run, its ``split.json`` is checked against these parts (the run stops if they di
 
 **Each library** trains on ``train`` with ``val`` for its own model selection and schedule,
 for ``--minutes`` of training (ours: ``experiments.potential`` with its default potential
-settings and the budget; the peers: their own training commands, epochs sized by a short
-calibration run, as their workers in ``benchmarks/peer_workers/`` explain, with why each is
-configured as it is). Then, through each library's ASE calculator and the same code
-(``benchmarks/peer_workers/ase_side.py``): energies and forces of every test frame, one call
-each, and NVE steps/s (velocity Verlet, 0.5 fs, after 5 warm-up steps) on the first test
-frame and on a periodic box of ``--water-atoms`` water atoms (``benchmarks.md.water_atoms``,
-speed only: no library was trained on water). Errors are computed here, for all libraries,
-by :func:`mpattn.train.metrics.force_metrics` against the written reference.
+settings and the budget, for each model of ``--ours``, labelled ``mpattn`` for the default
+``attention`` and ``mpattn-<model>`` otherwise; the peers: their own training commands,
+epochs sized by a short calibration run, as their workers in ``benchmarks/peer_workers/``
+explain, with why each is configured as it is). Then, through each library's ASE
+calculator and the same code (``benchmarks/peer_workers/ase_side.py``): energies and forces
+of every test frame, one call each, and NVE steps/s (velocity Verlet, 0.5 fs, after 5
+warm-up steps) on the first test frame and on a periodic box of ``--water-atoms`` water
+atoms (``benchmarks.md.water_atoms``, speed only: no library was trained on water). Errors
+are computed here, for all libraries, by :func:`mpattn.train.metrics.force_metrics` against
+the written reference.
 
 **Peers' environments**: each peer runs in a virtual environment of its own under
 ``--venvs`` (default ``~/.cache/mpattn/peer-venvs/<peer>``), made on first use with pinned
 requirements (``benchmarks/peer_venvs.py``); our environment is never changed. ``--reuse``
 keeps the libraries already finished in ``--work`` (a run resumed after a failure).
 
-Writes ``peers_potentials-<data>-<device>-<date>.json`` and ``.png`` (validation force MAE
-against training minutes, one curve per library; test force MAE bars) under ``--out``.
+Writes ``peers_potentials-<data>-<minutes>min-<device>-<date>.json`` and ``.png`` (validation
+force MAE against training minutes, one curve per library; test force MAE bars) under ``--out``.
 """
 
 from __future__ import annotations
@@ -155,10 +158,16 @@ def curve_from_metrics(path: Path) -> list[list[float]]:
     return curve
 
 
+def ours_label(model: str) -> str:
+    """The library label (and work folder) of our ``model``: ``mpattn`` for the default."""
+    return "mpattn" if model == "attention" else f"mpattn-{model}"
+
+
 def run_ours(data: str, parts_dir: Path, out: Path, minutes: float, md: list[Path],
-             md_steps: int, *, log=print) -> dict:
-    """``experiments.potential`` for ``minutes`` in ``out``, then the same predictions and MD
-    speed through :class:`mpattn.ase.Calculator` as the peers' workers do."""
+             md_steps: int, *, model: str = "attention", log=print) -> dict:
+    """``experiments.potential --model model`` for ``minutes`` in ``out``, then the same
+    predictions and MD speed through :class:`mpattn.ase.Calculator` as the peers' workers
+    do."""
     import jax
 
     from benchmarks.peer_workers.ase_side import md_speed, predict, write_report
@@ -167,8 +176,8 @@ def run_ours(data: str, parts_dir: Path, out: Path, minutes: float, md: list[Pat
     from mpattn.ase import Calculator
 
     args = experiment.parser().parse_args([
-        "--data", data, "--seed", "0", "--time-budget-min", str(minutes), "--workdir",
-        str(out), "--no-md", "--no-progress"])
+        "--data", data, "--model", model, "--seed", "0", "--time-budget-min", str(minutes),
+        "--workdir", str(out), "--no-md", "--no-progress"])
     results = experiment.run(args, log=log)
     check_same_split(out / "split.json", parts_dir / "parts.json")
     calc = Calculator(out)
@@ -176,7 +185,7 @@ def run_ours(data: str, parts_dir: Path, out: Path, minutes: float, md: list[Pat
                    if (parts_dir / f"{p}.extxyz").is_file()}
     curve = curve_from_metrics(out / "metrics.csv")
     report = {
-        "library": "mpattn", "minutes": minutes,
+        "library": ours_label(model), "minutes": minutes,
         "versions": {"mpattn": __version__, "jax": jax.__version__},
         "model": f"{results['model']} {json.dumps(results['model_config'])}",
         "params": results["params"], "epochs": results["epochs"],
@@ -238,13 +247,13 @@ def summary_rows(reports: dict[str, dict], parts_dir: Path, out_root: Path,
 
 def format_rows(rows: list[dict], part: str = "test") -> list[str]:
     """The table printed at the end (errors on ``part``)."""
-    lines = [f"{'library':8} {'params':>8} {'epochs':>6} {'min':>5} {'frames/s':>8} "
+    lines = [f"{'library':16} {'params':>8} {'epochs':>6} {'min':>5} {'frames/s':>8} "
              f"{'E meV':>7} {'E meV/at':>8} {'F meV/Å':>8} {'MD st/s':>8} {'water st/s':>10}"]
     for r in rows:
         md = list(r["md_steps_per_s"].values())
         t = r.get(part, {})
         lines.append(
-            f"{r['library']:8} {r['params'] or 0:8d} {r['epochs']:6d} {r['train_minutes']:5.1f} "
+            f"{r['library']:16} {r['params'] or 0:8d} {r['epochs']:6d} {r['train_minutes']:5.1f} "
             f"{r['train_frames_per_s'] or 0:8.0f} {t.get('energy_mae_mev', float('nan')):7.2f} "
             f"{t.get('energy_mae_mev_per_atom', float('nan')):8.3f} "
             f"{t.get('force_mae_mev_ang', float('nan')):8.2f} "
@@ -288,12 +297,15 @@ def plot(reports: dict[str, dict], rows: list[dict], path: Path, title: str,
 
 
 def main(argv=None) -> int:
+    from mpattn.models import model_names
+
     ap = argparse.ArgumentParser(prog="python -m benchmarks.peers_potentials",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0, help="training minutes per library")
     ap.add_argument("--data", default="ethanol_xtb", choices=["ethanol_xtb", "spice_like_xtb"])
     ap.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS))
-    ap.add_argument("--no-ours", action="store_true", help="the peers only")
+    ap.add_argument("--ours", nargs="*", default=["attention"], choices=model_names(),
+                    help="our models, each beside the peers (none: the peers only)")
     ap.add_argument("--venvs", type=Path, default=DEFAULT_ROOT,
                     help="folder of the peers' virtual environments (made on first use)")
     ap.add_argument("--work", type=Path, help="default runs/peers/<data>")
@@ -318,16 +330,17 @@ def main(argv=None) -> int:
           f" frames in {parts_dir}")
     md = md_structures(parts_dir, args.water_atoms)
     reports = {}
-    for lib in ([] if args.no_ours else ["mpattn"]) + list(args.peers):
+    ours = {ours_label(m): m for m in args.ours}
+    for lib in list(ours) + list(args.peers):
         done = work / lib / "report.json"
         if args.reuse and done.is_file():
             reports[lib] = json.loads(done.read_text())
             if reports[lib].get("minutes", args.minutes) != args.minutes:
                 ap.error(f"--reuse: {done} was trained for {reports[lib]['minutes']} min")
             print(f"{lib}: reusing {done}")
-        elif lib == "mpattn":
+        elif lib in ours:
             reports[lib] = run_ours(args.data, parts_dir, work / lib, args.minutes, md,
-                                    args.md_steps)
+                                    args.md_steps, model=ours[lib])
         else:
             reports[lib] = run_peer(lib, pythons[lib], parts_dir, work / lib, args.minutes,
                                     md, args.md_steps)
@@ -345,7 +358,8 @@ def main(argv=None) -> int:
     if args.no_save:
         print(f"wrote {plot(reports, rows, work / 'peers_potentials.png', title)}")
     else:
-        written_json = write_result(f"peers_potentials-{args.data}", payload, args.out)
+        written_json = write_result(f"peers_potentials-{args.data}-{args.minutes:g}min",
+                                    payload, args.out)
         print(f"wrote {written_json}")
         print(f"wrote {plot(reports, rows, written_json.with_suffix('.png'), title)}")
     return 0

@@ -28,6 +28,7 @@ __all__ = [
     "segment_mean",
     "segment_softmax",
     "segment_sum",
+    "unit_vectors",
 ]
 
 
@@ -142,3 +143,11 @@ def edge_vectors(positions: Float[Array, "nodes 3"], *, senders: Int[Array, " ed
     """
     vec = positions[senders] - positions[receivers]
     return vec if shift is None else vec + shift
+
+
+def unit_vectors(vectors: Float[Array, "edges 3"], distances: Float[Array, " edges"]
+                 ) -> Float[Array, "edges 3"]:
+    """``vectors / distances`` with 0 (and finite gradients) where the distance is 0 (the
+    double-``where`` trick; padding edges join padding nodes at the origin)."""
+    r = distances[:, None]
+    return jnp.where(r > 0, vectors / jnp.where(r > 0, r, 1.0), 0.0)

@@ -16,6 +16,7 @@ from flax import nnx
 from mpattn.graph import edge_pairs, graph_mask
 from mpattn.models.attention import AttentionConfig, AttentionModel
 from mpattn.models.schnet import SchNet, SchNetConfig
+from mpattn.models.so3krates import So3krates, So3kratesConfig
 from mpattn.neighbors import radius_edges
 from mpattn.potential import Potential, Reference, energy_and_forces
 
@@ -23,6 +24,8 @@ from mpattn.potential import Potential, Reference, energy_and_forces
 CFG = AttentionConfig(dim=16, num_heads=2, head_dim=8, steps=2, ff_dim=32, num_rbf=8,
                       cutoff=4.0, attention_weights="softmax")
 SCHNET = SchNetConfig(dim=16, num_filters=16, interactions=2, num_rbf=8, cutoff=4.0)
+SO3 = So3kratesConfig(dim=16, max_degree=3, num_heads=2, degree_dim=4, steps=2, mix_dim=16,
+                      num_rbf=8, cutoff=4.0)
 # one attention block: quicker to compile (the trained ethanol members of tests/conftest.py)
 TINY = {"dim": 16, "num_heads": 2, "head_dim": 8, "steps": 1, "ff_dim": 16, "num_rbf": 8,
         "cutoff": 4.0, "attention_weights": "softmax"}
@@ -35,7 +38,7 @@ PBC = (16, 320, 3)  # of periodic ones
 @functools.cache
 def potentials() -> dict[str, Potential]:
     """Small potentials, built once per session: attention (smooth and plain softmax, vector
-    channels, silu weights, electrostatics) and SchNet. Tests must not change them.
+    channels, silu weights, electrostatics), SchNet and SO3krates. Tests must not change them.
 
     Built with float64 JAX, as the module fixture they replace was (first used by a float64
     test): the reference table and scale are float64 arrays, the parameters float32.
@@ -58,6 +61,7 @@ def _build_potentials() -> dict[str, Potential]:
     return {
         "attention": Potential(attn, reference=REF),
         "schnet": Potential(SchNet(SCHNET, rngs=nnx.Rngs(0)), reference=REF),
+        "so3krates": Potential(So3krates(SO3, rngs=nnx.Rngs(0)), reference=REF),
         "vector": attention(vector_features=True),
         "vector_sum": attention(vector_features=True, vector_messages="sum"),
         "silu": attention(vector_features=True, vector_messages="sum",

@@ -259,3 +259,14 @@ def test_painn_is_compared_at_equal_time_only(capsys):
     with pytest.raises(SystemExit):
         main(["--models", "painn", "--no-save"])
     assert "--models painn is compared at equal time: give --minutes" in capsys.readouterr().err
+
+
+def test_our_models_are_labelled_and_checked(capsys):
+    """``--ours`` names any registered model; the default keeps the label ``mpattn``."""
+    from benchmarks.peers_potentials import main, ours_label
+
+    assert ours_label("attention") == "mpattn"
+    assert ours_label("so3krates") == "mpattn-so3krates"
+    with pytest.raises(SystemExit):
+        main(["--ours", "gat", "--no-save"])
+    assert "argument --ours: invalid choice: 'gat'" in capsys.readouterr().err

@@ -54,9 +54,10 @@ def pots():
 
 
 @pytest.mark.parametrize("kind", ["attention", "schnet", "vector", "vector_sum", "silu",
-                                  "coulomb"])
+                                  "coulomb", "so3krates"])
 def test_forces_equal_finite_differences(x64, pots, kind):
-    """Potential(AttentionModel) and Potential(SchNet) on width-0 features, float64."""
+    """Potential(AttentionModel), Potential(SchNet) and Potential(So3krates) on width-0
+    features, float64."""
     a = ethanol()
     graph = pad([radius_graph(a.numbers, a.positions, 5.0)], dtype=np.float64)
     energy, forces = run(pots[kind], graph)
@@ -89,7 +90,7 @@ def test_periodic_supercell_is_extensive(x64, pots):
 
 
 @pytest.mark.parametrize("kind", ["attention", "schnet", "vector", "vector_sum", "silu",
-                                  "coulomb"])
+                                  "coulomb", "so3krates"])
 def test_rotation_translation_permutation(x64, pots, kind):
     """Energy invariant, forces rotate with the structure and follow atom permutations."""
     rng = np.random.default_rng(0)
@@ -149,7 +150,7 @@ def test_potential_returns_the_model_outputs_in_ev(pots):
 
 
 @pytest.mark.parametrize("kind", ["attention", "vector", "vector_sum", "silu", "coulomb",
-                                  "coulomb_long"])
+                                  "coulomb_long", "so3krates"])
 def test_padding_never_changes_real_graphs(pots, kind):
     """Ethanol + water padded with extra nodes, edges and graphs (junk padding positions)
     equal each molecule padded alone; padding graphs get energy 0, padding nodes force 0."""
@@ -245,7 +246,7 @@ def test_errors():
 
 
 @pytest.mark.parametrize("kind", ["attention", "schnet", "crystal", "vector", "coulomb",
-                                  "coulomb_long"])
+                                  "coulomb_long", "so3krates"])
 def test_pair_slots_give_the_same_energy_and_exact_forces(x64, pots, kind):
     """Radial networks once per pair: same energies/forces as per edge, forces = -dE/dx (FD)."""
     if kind == "crystal":

@@ -71,7 +71,8 @@ def test_command_line_errors(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["--model", "gpt"])
     err = capsys.readouterr().err.replace("'", "")  # argparse quotes names on newer Pythons
-    assert "invalid choice: gpt (choose from attention, mhmp, mhmp_pe, mpnn, schnet)" in err
+    assert ("invalid choice: gpt (choose from attention, mhmp, mhmp_pe, mpnn, schnet, "
+            "so3krates)") in err
     with pytest.raises(SystemExit):
         main(["--preset", "huge"])
     assert "choose from" in capsys.readouterr().err

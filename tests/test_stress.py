@@ -35,6 +35,8 @@ SMALL = {
                   "num_rbf": 8, "cutoff": CUTOFF, "vector_features": True},
     "schnet": {"dim": 16, "num_filters": 16, "interactions": 2, "num_rbf": 8,
                "cutoff": CUTOFF},
+    "so3krates": {"dim": 16, "num_heads": 2, "degree_dim": 4, "steps": 2, "mix_dim": 16,
+                  "num_rbf": 8, "cutoff": CUTOFF},
 }
 # a triclinic cell whose lattice-plane spacings (~4.3 Å) are below twice the cutoff: edges to
 # several images of one atom, and to the atom's own images
@@ -116,7 +118,7 @@ def strained(atoms, eps) -> Atoms:
 # ------------------------------------------------------------------ strain derivative
 
 
-@pytest.mark.parametrize("kind", ["attention", "schnet"])
+@pytest.mark.parametrize("kind", ["attention", "schnet", "so3krates"])
 def test_stress_equals_central_differences_under_symmetric_strain(x64, kind):
     pot = potential(kind)
     atoms = small_box()

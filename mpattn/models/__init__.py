@@ -7,7 +7,9 @@
 Names: ``attention`` (the default: multi-head attention over the pairs within a cutoff with a
 smooth envelope, :mod:`mpattn.models.attention`), ``mhmp`` (the thesis' MultiHead-Message
 Passing), ``mhmp_pe`` (the same with a positional encoding of the atom index: not permutation
-invariant), ``mpnn`` (Gilmer et al. 2017), ``schnet`` (Schütt et al. 2017). Every model maps
+invariant), ``mpnn`` (Gilmer et al. 2017), ``schnet`` (Schütt et al. 2017), ``so3krates``
+(equivariant attention with spherical-harmonic coordinates up to degree 3, Frank et al. 2022,
+:mod:`mpattn.models.so3krates`). Every model maps
 a padded ``jraph.GraphsTuple`` to one mapping of named outputs, ``{"energy": [num_graphs],
 "per_atom": [num_nodes], ...}`` (docs/design.md, "Output contract"); a model's class defaults
 are the settings it is trained with.
@@ -23,6 +25,7 @@ from mpattn.models.attention import AttentionConfig, AttentionModel
 from mpattn.models.mhmp import MHMP, MHMPConfig
 from mpattn.models.mpnn import MPNN, MPNNConfig
 from mpattn.models.schnet import SchNet, SchNetConfig
+from mpattn.models.so3krates import So3krates, So3kratesConfig
 
 __all__ = [
     "AttentionConfig",
@@ -34,6 +37,8 @@ __all__ = [
     "MPNNConfig",
     "SchNet",
     "SchNetConfig",
+    "So3krates",
+    "So3kratesConfig",
     "create_model",
     "default_config",
     "model_names",
@@ -47,6 +52,7 @@ MODELS: dict[str, tuple[type, object]] = {
     "mhmp_pe": (MHMP, MHMPConfig(positional_encoding=True)),
     "mpnn": (MPNN, MPNNConfig()),
     "schnet": (SchNet, SchNetConfig()),
+    "so3krates": (So3krates, So3kratesConfig()),
 }
 _BUILTIN = frozenset(MODELS)
 

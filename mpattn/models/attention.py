@@ -34,7 +34,7 @@ from mpattn.nn.embed import AtomEmbedding
 from mpattn.nn.radial import GaussianRBF, polynomial_cutoff
 from mpattn.nn.readout import SumReadout, sum_readout
 from mpattn.nn.update import ACTIVATIONS
-from mpattn.ops import pair_mean, safe_norm, segment_sum
+from mpattn.ops import pair_mean, safe_norm, segment_sum, unit_vectors
 
 __all__ = ["AttentionConfig", "AttentionModel"]
 
@@ -258,8 +258,7 @@ class AttentionModel(nnx.Module):
         vec = unit = None
         if c.vector_features:
             vec = jnp.zeros((h.shape[0], 3, c.dim), h.dtype)
-            r = g.distances[:, None]
-            unit = jnp.where(r > 0, g.vectors / jnp.where(r > 0, r, 1.0), 0.0)
+            unit = unit_vectors(g.vectors, g.distances)
         for t in range(c.steps):
             x = self.attn_norms[t](h)
             out, alpha = self._attend(t, x, g, envelope, d, rbf)

@@ -51,7 +51,7 @@ def _is_sum_readout(model) -> bool:
 
 
 def test_registry_names_and_errors():
-    assert model_names() == ["attention", "mhmp", "mhmp_pe", "mpnn", "schnet"]
+    assert model_names() == ["attention", "mhmp", "mhmp_pe", "mpnn", "schnet", "so3krates"]
     with pytest.raises(ValueError, match=r"unknown model 'gat'; choose from \['attention', 'mhmp', "
                                          r"'mhmp_pe'"):
         default_config("gat")
@@ -95,7 +95,7 @@ def test_every_model_returns_the_output_mapping(models, batch, name, overrides):
                                out["energy"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["mhmp", "mpnn", "schnet"])
+@pytest.mark.parametrize("name", ["mhmp", "mpnn", "schnet", "so3krates"])
 def test_permutation_invariant(models, batch, name):
     testing.assert_permutation_invariant(_energy(_jitted(models[name])), batch, **TOL)
 
@@ -106,14 +106,14 @@ def test_mhmp_pe_is_not_permutation_invariant(models, batch):
         testing.assert_permutation_invariant(_energy(_jitted(models["mhmp_pe"])), batch, **TOL)
 
 
-@pytest.mark.parametrize("name", ["mhmp", "mhmp_pe", "mpnn", "schnet"])
+@pytest.mark.parametrize("name", ["mhmp", "mhmp_pe", "mpnn", "schnet", "so3krates"])
 def test_rotation_and_translation_invariant(models, batch, name):
     f = _energy(_jitted(models[name]))
     testing.assert_rotation_invariant(f, batch, **TOL)
     testing.assert_translation_invariant(f, batch, **TOL)
 
 
-@pytest.mark.parametrize("name", ["mhmp", "mhmp_pe", "mpnn", "schnet"])
+@pytest.mark.parametrize("name", ["mhmp", "mhmp_pe", "mpnn", "schnet", "so3krates"])
 def test_padding_and_composition_invariant(models, qm9_graphset, name):
     f = _energy(_jitted(models[name]))
     testing.assert_padding_invariant(f, qm9_graphset, INDEX, [BUDGET, Budget(640, 9216, 40)],
@@ -122,7 +122,7 @@ def test_padding_and_composition_invariant(models, qm9_graphset, name):
                                          Budget(640, 9216, 40), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["mhmp", "mpnn", "schnet"])
+@pytest.mark.parametrize("name", ["mhmp", "mpnn", "schnet", "so3krates"])
 def test_jit_and_no_jit_agree(models, batch, name):
     jitted, eager = _jitted(models[name])(batch), models[name](batch)
     assert set(jitted) == set(eager)
