@@ -18,11 +18,10 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import jraph
-import numpy as np
 from flax import nnx
 
 from mpattn.graph import node_mask
-from mpattn.models.common import graph_inputs
+from mpattn.models.common import check_max_z, check_smooth_activation, graph_inputs
 from mpattn.nn.attention import ATTENTION_WEIGHTS, SUM_NEIGHBOURS, MultiHeadGraphAttention
 from mpattn.nn.electrostatics import (
     CHARGE_INIT,
@@ -109,10 +108,7 @@ class AttentionConfig:
             raise ValueError("vector_features needs num_heads * head_dim == dim and smooth "
                              f"attention, got {self.num_heads} x {self.head_dim} heads, dim "
                              f"{self.dim}, smooth={self.smooth}")
-        if self.activation not in ACTIVATIONS or self.activation == "relu":
-            raise ValueError(f"activation must be a smooth one of "
-                             f"{sorted(set(ACTIVATIONS) - {'relu'})} (relu makes forces "
-                             f"discontinuous), got {self.activation!r}")
+        check_smooth_activation(self.activation)
         if self.steps < 1 or not self.cutoff > 0:
             raise ValueError(f"need steps >= 1 and cutoff > 0, got {self.steps}, {self.cutoff}")
         if self.coulomb_cutoff is not None and not (self.electrostatics
@@ -197,10 +193,7 @@ class AttentionModel(nnx.Module):
 
     def check(self, graph: jraph.GraphsTuple) -> None:
         """Eager check: every atomic number is embeddable (``<= max_z``)."""
-        z = np.asarray(graph.nodes["z"])
-        if z.size and z.max() > self.config.max_z:
-            raise ValueError(f"attention: atomic number {int(z.max())} above "
-                             f"max_z={self.config.max_z}")
+        check_max_z(graph, self.config.max_z, "attention")
 
     def _attend(self, t: int, x, g, envelope, d, rbf):
         """Attention block ``t``: its output [N, dim] and its weights [E, H] (None when not

@@ -11,7 +11,8 @@ from jaxtyping import Array, Bool, Float, Int
 
 from mpattn.nn.radial import edge_distances
 
-__all__ = ["GraphInputs", "check_max_nodes", "graph_inputs"]
+__all__ = ["GraphInputs", "check_max_nodes", "check_max_z", "check_smooth_activation",
+           "graph_inputs"]
 
 NOT_BONDED = 4
 
@@ -69,3 +70,22 @@ def check_max_nodes(graph: jraph.GraphsTuple, max_nodes: int, model: str) -> Non
         raise ValueError(f"{model}: a molecule has {int(real.max())} atoms, more than "
                          f"max_nodes={max_nodes} of the dense edge-network layout; raise "
                          "max_nodes in the model config")
+
+
+def check_max_z(graph: jraph.GraphsTuple, max_z: int, model: str) -> None:
+    """ValueError if an atomic number of the batch is above ``max_z`` (not embeddable); an
+    eager check, since an out-of-range embedding index cannot raise inside ``jax.jit``."""
+    z = np.asarray(graph.nodes["z"])
+    if z.size and z.max() > max_z:
+        raise ValueError(f"{model}: atomic number {int(z.max())} above max_z={max_z}")
+
+
+def check_smooth_activation(activation: str) -> None:
+    """ValueError unless ``activation`` is a smooth one of ``ACTIVATIONS`` (a potential's
+    forces are its gradient: relu would make them jump)."""
+    from mpattn.nn.update import ACTIVATIONS
+
+    if activation not in ACTIVATIONS or activation == "relu":
+        raise ValueError(f"activation must be a smooth one of "
+                         f"{sorted(set(ACTIVATIONS) - {'relu'})} (relu makes forces "
+                         f"discontinuous), got {activation!r}")

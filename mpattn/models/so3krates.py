@@ -14,11 +14,10 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import jraph
-import numpy as np
 from flax import nnx
 
 from mpattn.graph import node_mask
-from mpattn.models.common import graph_inputs
+from mpattn.models.common import check_max_z, check_smooth_activation, graph_inputs
 from mpattn.nn.attention import SUM_NEIGHBOURS
 from mpattn.nn.embed import AtomEmbedding
 from mpattn.nn.euclidean import DegreeMixing, EuclideanAttention
@@ -71,10 +70,7 @@ class So3kratesConfig:
             raise ValueError(f"dim={self.dim} must be a multiple of num_heads={self.num_heads}")
         if self.steps < 1 or not self.cutoff > 0:
             raise ValueError(f"need steps >= 1 and cutoff > 0, got {self.steps}, {self.cutoff}")
-        if self.activation not in ACTIVATIONS or self.activation == "relu":
-            raise ValueError(f"activation must be a smooth one of "
-                             f"{sorted(set(ACTIVATIONS) - {'relu'})} (relu makes forces "
-                             f"discontinuous), got {self.activation!r}")
+        check_smooth_activation(self.activation)
 
 
 class So3krates(nnx.Module):
@@ -114,10 +110,7 @@ class So3krates(nnx.Module):
 
     def check(self, graph: jraph.GraphsTuple) -> None:
         """Eager check: every atomic number is embeddable (``<= max_z``)."""
-        z = np.asarray(graph.nodes["z"])
-        if z.size and z.max() > self.config.max_z:
-            raise ValueError(f"so3krates: atomic number {int(z.max())} above "
-                             f"max_z={self.config.max_z}")
+        check_max_z(graph, self.config.max_z, "so3krates")
 
     def features(self, graph: jraph.GraphsTuple) -> tuple[jax.Array, jax.Array]:
         """The last block's invariant features ``f`` [N, dim] and spherical-harmonic
