@@ -20,7 +20,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-__all__ = ["PACE_WINDOW_S", "EpochPlan", "Replan", "plan_epochs"]
+__all__ = ["LOG_CHANGE", "PACE_WINDOW_S", "EpochPlan", "Replan", "plan_epochs"]
 
 #: :class:`Replan` measures the pace over the epochs of the last this many seconds (at least
 #: 3 epochs and twice the checkpoint interval): long enough to hold the checkpoint saves at
@@ -28,6 +28,9 @@ __all__ = ["PACE_WINDOW_S", "EpochPlan", "Replan", "plan_epochs"]
 #: the last 3 epochs alone, a window that held a save made short epochs look 1.5x slower,
 #: and a plan fixed there (2026-12-02, ethanol, 40 min) trained for 34 of the 40 minutes.
 PACE_WINDOW_S = 300.0
+
+#: :class:`Replan` logs a new plan when it differs from the last one logged by this fraction.
+LOG_CHANGE = 0.05
 
 
 class EpochPlan(NamedTuple):
@@ -83,12 +86,15 @@ class Replan:
     epoch follows the pace the run gets (e.g. beside other runs on one machine). Early in a
     cosine a change of length barely changes the rate; the second half keeps the plan. It
     runs before the epoch's checkpoint, so every checkpoint holds the plan the run goes on
-    with and a resumed run follows it. Single-process runs only.
+    with and a resumed run follows it. Single-process runs only. It logs a new plan only
+    when it moved by :data:`LOG_CHANGE` or more since the last one it logged (the pace
+    wobbles by an epoch or two every epoch).
     """
 
     def __init__(self, log=print):
         self.log = log
         self.ends: list[float] = []
+        self.logged: int | None = None  # the plan last logged
 
     def __call__(self, trainer, stopping: bool) -> None:
         self.ends.append(time.perf_counter())
@@ -102,6 +108,9 @@ class Replan:
         pace = (last - self.ends[-1 - n]) / n
         left = 60 * c.time_budget_min - trainer.elapsed_s()
         epochs = trainer.epoch + max(1, int(left // pace))
-        if epochs != c.epochs and trainer.set_epochs(epochs):
+        was = c.epochs if self.logged is None else self.logged
+        if epochs != c.epochs and trainer.set_epochs(epochs) \
+                and abs(epochs - was) >= LOG_CHANGE * was:
             self.log(f"re-planned: {epochs} epochs fit the budget at {pace:.1f} s per epoch "
-                     f"(was {c.epochs})")
+                     f"(was {was})")
+            self.logged = epochs
