@@ -31,6 +31,9 @@ the written reference.
 ``--venvs`` (default ``~/.cache/mpattn/peer-venvs/<peer>``), made on first use with pinned
 requirements (``benchmarks/peer_venvs.py``); our environment is never changed. ``--reuse``
 keeps the libraries already finished in ``--work`` (a run resumed after a failure).
+``--beside RESULT.json`` adds the rows and curves of an earlier result of the same data,
+split and minutes (e.g. the peers' run, beside a new model of ours), each marked with the
+file and machine it came from.
 
 Writes ``peers_potentials-<data>-<minutes>min-<device>-<date>.json`` and ``.png`` (validation
 force MAE against training minutes, one curve per library; test force MAE bars) under ``--out``.
@@ -49,7 +52,7 @@ import numpy as np
 from benchmarks.common import RESULTS, write_result
 from benchmarks.peer_venvs import DEFAULT_ROOT, ensure_venv, run_worker
 
-__all__ = ["PEERS", "check_same_split", "curve_from_metrics", "format_rows", "main",
+__all__ = ["PEERS", "beside_rows", "check_same_split", "curve_from_metrics", "format_rows", "main",
            "md_structures", "plot", "reference", "run_ours", "run_peer", "score", "split_parts",
            "summary_rows", "write_parts"]
 
@@ -245,6 +248,25 @@ def summary_rows(reports: dict[str, dict], parts_dir: Path, out_root: Path,
     return rows
 
 
+def beside_rows(path: Path, data: str, minutes: float, split: dict[str, int],
+                skip=()) -> tuple[list[dict], dict[str, list]]:
+    """The rows and validation curves of the earlier result ``path`` (the libraries not in
+    ``skip``), each row marked ``from``: the file and its machine. It must hold the same
+    ``data``, ``minutes`` and split sizes as this run, or the comparison would not be one."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+        theirs = (earlier["data"], earlier["minutes"], earlier["split"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--beside {path}: not a peers_potentials result ({e})") from None
+    if theirs != (data, minutes, split):
+        raise ValueError(f"--beside {path}: {theirs[0]}, {theirs[1]:g} min, split "
+                         f"{theirs[2]}; this run: {data}, {minutes:g} min, split {split}")
+    machine = earlier.get("machine", {})
+    origin = f"{Path(path).name} ({machine.get('device', '?')}, {machine.get('date', '?')})"
+    rows = [dict(r, **{"from": origin}) for r in earlier["rows"] if r["library"] not in skip]
+    return rows, {r["library"]: earlier["curves"][r["library"]] for r in rows}
+
+
 def format_rows(rows: list[dict], part: str = "test") -> list[str]:
     """The table printed at the end (errors on ``part``)."""
     lines = [f"{'library':16} {'params':>8} {'epochs':>6} {'min':>5} {'frames/s':>8} "
@@ -262,10 +284,10 @@ def format_rows(rows: list[dict], part: str = "test") -> list[str]:
     return lines
 
 
-def plot(reports: dict[str, dict], rows: list[dict], path: Path, title: str,
+def plot(curves: dict[str, list], rows: list[dict], path: Path, title: str,
          part: str = "test") -> Path:
-    """Validation force MAE against training minutes per library, and ``part`` force MAE
-    bars."""
+    """Validation force MAE against training minutes per library (``curves``: library ->
+    [(seconds, meV/Å)]), and ``part`` force MAE bars; rows from an earlier run are starred."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -273,18 +295,21 @@ def plot(reports: dict[str, dict], rows: list[dict], path: Path, title: str,
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2),
                                  gridspec_kw={"width_ratios": [1.6, 1]})
-    for k, (lib, rep) in enumerate(reports.items()):
-        c = np.asarray(rep["curve"], np.float64)
-        ax.plot(c[:, 0] / 60.0, c[:, 1], label=lib, color=f"C{k}")
+    earlier = {r["library"] for r in rows if "from" in r}
+    for k, (lib, curve) in enumerate(curves.items()):
+        c = np.asarray(curve, np.float64)
+        ax.plot(c[:, 0] / 60.0, c[:, 1], label=lib + ("*" if lib in earlier else ""),
+                color=f"C{k}")
     ax.set_yscale("log")
     ax.set_xlabel("training minutes")
     ax.set_ylabel("validation force MAE (meV/Å)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    names = [r["library"] for r in rows]
+    ax.legend(title="* an earlier run" if any("from" in r for r in rows) else None)
+    names = [r["library"] + ("*" if "from" in r else "") for r in rows]
     maes = [r.get(part, {}).get("force_mae_mev_ang", np.nan) for r in rows]
     bars = bx.bar(names, maes, color=[f"C{k}" for k in range(len(rows))])
     bx.bar_label(bars, fmt="%.1f")
+    bx.tick_params(axis="x", labelrotation=20)
     bx.set_ylabel(f"{part} force MAE (meV/Å)")
     fig.suptitle(title)
     fig.tight_layout()
@@ -315,6 +340,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", action="store_true",
                     help="keep each library's finished run in --work (its report.json) "
                          "instead of training it again: a run resumed after a failure")
+    ap.add_argument("--beside", type=Path, nargs="*", default=[], metavar="RESULT_JSON",
+                    help="earlier results (same data, minutes and split) whose libraries "
+                         "join the table and plot, marked as such")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
     if not args.minutes > 0:
@@ -345,23 +373,31 @@ def main(argv=None) -> int:
             reports[lib] = run_peer(lib, pythons[lib], parts_dir, work / lib, args.minutes,
                                     md, args.md_steps)
     rows = summary_rows(reports, parts_dir, work)
+    sizes = {k: len(v) for k, v in written.items()}
+    curves = {lib: rep["curve"] for lib, rep in reports.items()}
+    for path in args.beside:
+        try:
+            more, more_curves = beside_rows(path, args.data, args.minutes, sizes, skip=curves)
+        except ValueError as e:
+            ap.error(str(e))
+        rows += more
+        curves.update(more_curves)
     print("\n".join(format_rows(rows)))
-    payload = {"data": args.data, "minutes": args.minutes, "split": {k: len(v) for k, v in
-                                                                     written.items()},
+    payload = {"data": args.data, "minutes": args.minutes, "split": sizes,
                "md_steps": args.md_steps, "water_atoms": args.water_atoms, "rows": rows,
-               "curves": {lib: rep["curve"] for lib, rep in reports.items()},
+               "curves": curves,
                "reports": {lib: {k: v for k, v in rep.items() if k != "curve"}
                            for lib, rep in reports.items()},
                "command": "python -m benchmarks.peers_potentials " + " ".join(
                    argv if argv is not None else sys.argv[1:])}
     title = f"{args.data}: {args.minutes:g} min of training each"
     if args.no_save:
-        print(f"wrote {plot(reports, rows, work / 'peers_potentials.png', title)}")
+        print(f"wrote {plot(curves, rows, work / 'peers_potentials.png', title)}")
     else:
         written_json = write_result(f"peers_potentials-{args.data}-{args.minutes:g}min",
                                     payload, args.out)
         print(f"wrote {written_json}")
-        print(f"wrote {plot(reports, rows, written_json.with_suffix('.png'), title)}")
+        print(f"wrote {plot(curves, rows, written_json.with_suffix('.png'), title)}")
     return 0
 
 

@@ -249,8 +249,36 @@ def test_summary_table_and_plot(ethanol_parts, tmp_path):
     assert rows[0]["train_frames_per_s"] == pytest.approx(950 * 3 / 60.0)  # the same rule
     lines = format_rows(rows, part="val")
     assert lines[1].split()[0] == "mpattn" and "1.00" in lines[1] and "2.00" in lines[2]
-    path = plot(reports, rows, tmp_path / "p.png", "t", part="val")
+    path = plot({lib: r["curve"] for lib, r in reports.items()}, rows, tmp_path / "p.png",
+                "t", part="val")
     assert path.stat().st_size > 1000
+
+
+def test_beside_adds_an_earlier_result_of_the_same_comparison_only(tmp_path):
+    """``--beside``: an earlier result's rows join, marked with their file and machine,
+    except libraries this run has; another split or budget is refused by name."""
+    from benchmarks.peers_potentials import beside_rows
+
+    split = {"train": 950, "val": 50, "test": 1000}
+    earlier = {"machine": {"device": "cpu2", "date": "2026-12-02"}, "data": "ethanol_xtb",
+               "minutes": 10.0, "split": split,
+               "rows": [{"library": "mpattn", "test": {"force_mae_mev_ang": 7.7}},
+                        {"library": "mace", "test": {"force_mae_mev_ang": 11.1}}],
+               "curves": {"mpattn": [[60.0, 9.0]], "mace": [[60.0, 12.0]]}}
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(earlier))
+    rows, curves = beside_rows(path, "ethanol_xtb", 10.0, split, skip={"mpattn"})
+    assert [r["library"] for r in rows] == ["mace"] and list(curves) == ["mace"]
+    assert rows[0]["from"] == "earlier.json (cpu2, 2026-12-02)"
+    assert rows[0]["test"]["force_mae_mev_ang"] == 11.1
+    with pytest.raises(ValueError, match=r"earlier.json: ethanol_xtb, 10 min.*this run: "
+                                         r"ethanol_xtb, 40 min"):
+        beside_rows(path, "ethanol_xtb", 40.0, split)
+    with pytest.raises(ValueError, match="earlier.json: ethanol_xtb.*this run: spice_like"):
+        beside_rows(path, "spice_like_xtb", 10.0, split)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="bad.json: not a peers_potentials result"):
+        beside_rows(tmp_path / "bad.json", "ethanol_xtb", 10.0, split)
 
 
 def test_painn_is_compared_at_equal_time_only(capsys):
