@@ -45,6 +45,9 @@ class So3kratesConfig:
         cutoff: radius (Å) of the envelope; every message fades to 0 there.
         max_z: largest embeddable atomic number.
         activation: a smooth activation of :data:`~mpattn.nn.update.ACTIVATIONS`.
+        denoise: a denoising head, output ``"noise"`` [N, 3]: the degree-1 coordinates
+            scaled by a linear map of ``f`` (equivariant; the denoising loss term switches
+            it on).
     """
 
     dim: int = 64
@@ -57,6 +60,7 @@ class So3kratesConfig:
     cutoff: float = 5.0
     max_z: int = 100
     activation: str = "silu"
+    denoise: bool = False
 
     @property
     def graph_cutoff(self) -> float:
@@ -107,6 +111,7 @@ class So3krates(nnx.Module):
             for _ in range(c.steps)])
         self.final_norm = nnx.LayerNorm(c.dim, rngs=rngs)
         self.readout = SumReadout(c.dim, 1, hidden=c.dim // 2, activation=act, rngs=rngs)
+        self.denoise_head = nnx.Linear(c.dim, 1, rngs=rngs) if c.denoise else None
 
     def check(self, graph: jraph.GraphsTuple) -> None:
         """Eager check: every atomic number is embeddable (``<= max_z``)."""
@@ -141,8 +146,11 @@ class So3krates(nnx.Module):
 
     def __call__(self, graph: jraph.GraphsTuple) -> dict[str, jax.Array]:
         """The output mapping of a padded batch (padding graphs and nodes give 0)."""
-        f, _ = self.features(graph)
-        energy, per_atom = self.readout(self.final_norm(f), jnp.asarray(graph.n_node),
-                                        mask=node_mask(graph),
+        f, x = self.features(graph)
+        f = self.final_norm(f)
+        energy, per_atom = self.readout(f, jnp.asarray(graph.n_node), mask=node_mask(graph),
                                         per_atom=True)
-        return {"energy": energy, "per_atom": per_atom}
+        out = {"energy": energy, "per_atom": per_atom}
+        if self.denoise_head is not None:  # degree 1 is (x, y, z): a vector per atom
+            out["noise"] = self.denoise_head(f) * x[:, :3]
+        return out

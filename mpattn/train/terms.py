@@ -141,8 +141,8 @@ class Denoising(_Term):
     """Noisy nodes (Godwin et al., ICLR 2022): the batch's positions get Gaussian noise of
     ``sigma`` Å, every other term reads the noisy batch, and the model's ``"noise"`` output
     (its denoising head, switched on here) is fitted to the noise in units of ``sigma`` by
-    mean squared error. Needs a model with vector channels (``attention`` with
-    ``vector_features``)."""
+    mean squared error. Needs a model with a denoising head (``so3krates``, or
+    ``attention`` with ``vector_features``)."""
 
     sigma: float = 0.02
     weight: float = 0.1
@@ -155,11 +155,12 @@ class Denoising(_Term):
                              f"{self.weight}")
 
     def model_config(self, config):
-        if not getattr(config, "vector_features", False):
+        if not hasattr(config, "denoise") or not getattr(config, "vector_features", True):
             raise ValueError(f"--denoise-sigma {self.sigma}: denoising needs a model with a "
-                             "denoising head: attention with vector_features (--model-config "
-                             "'{\"vector_features\": true}'), got a model without vector "
-                             "channels (--denoise-sigma 0 turns denoising off)")
+                             "denoising head: so3krates, or attention with vector_features "
+                             "(--model-config '{\"vector_features\": true}'), got "
+                             f"{type(config).__name__} without one (--denoise-sigma 0 turns "
+                             "denoising off)")
         return dataclasses.replace(config, denoise=True)
 
     def perturb(self, graph, key):

@@ -121,6 +121,34 @@ def test_degree_one_alone_is_a_smaller_model_with_the_same_contract():
     assert abs(float(out_small["energy"][0]) - float(out_full["energy"][0])) > 1e-6
 
 
+def test_denoising_head_rotates_as_a_vector_and_the_term_switches_it_on():
+    """The ``"noise"`` output turns with the molecule (``noise(pos R^T) = noise(pos) R^T``),
+    ignores translations, is 0 on padding atoms, leaves the energy as it is without the
+    head; the denoising term switches the head on (the attention model needs vectors)."""
+    from mpattn.models import default_config
+    from mpattn.train import Denoising
+
+    config = Denoising(sigma=0.02).model_config(SO3)
+    assert config.denoise and not SO3.denoise
+    plain, model = (So3krates(c, rngs=nnx.Rngs(0)) for c in (SO3, config))
+    a = ethanol()
+    rot = np.asarray(random_rotation(np.random.default_rng(3)))
+    graph = pad([radius_graph(a.numbers, a.positions, SO3.cutoff)])
+    turned = pad([radius_graph(a.numbers, a.positions @ rot.T + 1.5, SO3.cutoff)])
+    out, out_turned = model(graph), model(turned)
+    n = len(a.numbers)
+    noise = np.asarray(out["noise"])
+    assert noise.shape == (graph.nodes["z"].shape[0], 3)
+    assert np.abs(noise[:n]).max() > 1e-4  # not trivially zero
+    np.testing.assert_allclose(np.asarray(out_turned["noise"])[:n], noise[:n] @ rot.T,
+                               atol=1e-5)
+    np.testing.assert_allclose(noise[n:], 0.0, atol=1e-7)
+    np.testing.assert_allclose(out["energy"], plain(graph)["energy"], rtol=1e-6)
+    with pytest.raises(ValueError, match="denoising needs a model with a denoising head: "
+                                         "so3krates, or attention with vector_features"):
+        Denoising(sigma=0.02).model_config(default_config("attention"))
+
+
 def test_trains_as_a_potential_and_runs_in_ase(tmp_path):
     """The one trainer fits a small SO3krates to 200 frames of the bundled ethanol xTB set
     (the validation force error falls), and the run serves ASE's calculator interface

@@ -46,7 +46,13 @@ def test_denoised_run_records_its_head_and_resumes(cache_file, tmp_path):
              model_overrides=small)
 
 
-def test_denoising_learns_to_predict_the_noise(qm9_molset):
+SMALL_SO3KRATES = {"dim": 16, "num_heads": 2, "degree_dim": 8, "mix_dim": 32, "num_rbf": 8}
+
+
+@pytest.mark.parametrize("model, small", [
+    ("attention", SMALL_ATTENTION | {"vector_features": True}),
+    ("so3krates", SMALL_SO3KRATES)])
+def test_denoising_learns_to_predict_the_noise(qm9_molset, model, small):
     """``Denoising``: the batch's real atoms get noise from a key (the same key, the same
     noise: the train step keys it by (seed, step), so resuming repeats it), padding atoms
     none; the train step trains the head; Adam steps on the denoising loss alone teach it to
@@ -62,8 +68,8 @@ def test_denoising_learns_to_predict_the_noise(qm9_molset):
     from mpattn.train.terms import add_position_noise, masked_node_mean
     from mpattn.train.trainer import build_state
 
-    small = default_config("attention", **SMALL_ATTENTION, vector_features=True)
-    cfg = _config(model="attention", epochs=1)
+    small = default_config(model, **small)
+    cfg = _config(model=model, epochs=1)
     task = PropertyTask(aux=(Denoising(sigma=0.05),))
     data = _data(qm9_molset, cfg, task)
     batch = next(iter(BatchLoader(data.train.graphs, 32, prefetch=0, shuffle=False)))
