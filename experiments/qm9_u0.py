@@ -294,7 +294,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--denoise-sigma", type=float,
                     help="noisy-nodes regularisation: Gaussian noise of this many Å on the "
                     "training positions and an auxiliary term that predicts it (needs "
-                    "so3krates or attention with vector_features; e.g. 0.02; 0: off; default: the preset's)")
+                    "so3krates or attention with vector_features; e.g. 0.02; 0: off; "
+                    "default: the preset's)")
     ap.add_argument("--denoise-weight", type=float,
                     help="weight of the denoising term (default 0.1)")
     ap.add_argument("--dipole-weight", type=float,
