@@ -45,6 +45,8 @@ class So3kratesConfig:
         cutoff: radius (Å) of the envelope; every message fades to 0 there.
         max_z: largest embeddable atomic number.
         activation: a smooth activation of :data:`~mpattn.nn.update.ACTIVATIONS`.
+        value_filter: a per-channel radial filter on the invariant attention's values
+            (:class:`~mpattn.nn.euclidean.EuclideanAttention`).
         denoise: a denoising head, output ``"noise"`` [N, 3]: the degree-1 coordinates
             scaled by a linear map of ``f`` (equivariant; the denoising loss term switches
             it on).
@@ -60,6 +62,7 @@ class So3kratesConfig:
     cutoff: float = 5.0
     max_z: int = 100
     activation: str = "silu"
+    value_filter: bool = False
     denoise: bool = False
 
     @property
@@ -103,7 +106,8 @@ class So3krates(nnx.Module):
         self.attn_norms = nnx.List([nnx.LayerNorm(c.dim, rngs=rngs) for _ in range(c.steps)])
         self.attentions = nnx.List([
             EuclideanAttention(c.dim, c.num_heads, c.max_degree, c.num_rbf,
-                               degree_dim=c.degree_dim, activation=act, rngs=rngs)
+                               degree_dim=c.degree_dim, activation=act,
+                               value_filter=c.value_filter, rngs=rngs)
             for _ in range(c.steps)])
         self.mix_norms = nnx.List([nnx.LayerNorm(c.dim, rngs=rngs) for _ in range(c.steps)])
         self.mixings = nnx.List([

@@ -14,7 +14,7 @@ envelope ``u(r_ij)`` so that everything is smooth when an atom crosses the cutof
 
     α_ij^h = u(r_ij) <q_i^h, w_ij^h ⊙ k_j^h> / sqrt(F / H)             per head h
     β_ij^l = u(r_ij) <p_i^l, w_ij^l ⊙ s_j^l> / sqrt(d)                 per degree l
-    f_i  += Dense(⊕_h Σ_j α_ij^h v_j^h) / N̄
+    f_i  += Dense(⊕_h Σ_j α_ij^h v_j^h) / N̄              (v_j^h ⊙ w'_ij^h with a value filter)
     x_i^l += Σ_j β_ij^l Y_l(r̂_ij) / N̄
 
 (``q, k, v, p, s`` linear maps of ``f``; ``N̄`` = :data:`~mpattn.nn.attention.SUM_NEIGHBOURS`
@@ -55,14 +55,19 @@ class EuclideanAttention(nnx.Module):
         num_rbf: width of the radial basis the filter reads.
         degree_dim: ``d``, the query/key width of each degree's head.
         activation: the filter network's activation.
+        value_filter: the filter network also gives ``F`` more outputs ``w'_ij`` that scale
+            the values channel by channel (SchNet's continuous filter, as in our attention
+            model): the invariant messages then carry radial shape per channel, not only
+            one weight per head.
     """
 
     def __init__(self, dim: int, num_heads: int, max_degree: int, num_rbf: int, *,
-                 degree_dim: int = 16, activation: Callable = jax.nn.silu, rngs: nnx.Rngs):
+                 degree_dim: int = 16, activation: Callable = jax.nn.silu,
+                 value_filter: bool = False, rngs: nnx.Rngs):
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be a multiple of num_heads={num_heads}")
         self.dim, self.num_heads, self.max_degree = dim, num_heads, max_degree
-        self.degree_dim = degree_dim
+        self.degree_dim, self.value_filter = degree_dim, value_filter
         self.activation = activation
         self.query = nnx.Linear(dim, dim, use_bias=False, rngs=rngs)
         self.key = nnx.Linear(dim, dim, use_bias=False, rngs=rngs)
@@ -71,7 +76,8 @@ class EuclideanAttention(nnx.Module):
         self.degree_query = nnx.Linear(dim, max_degree * degree_dim, use_bias=False, rngs=rngs)
         self.degree_key = nnx.Linear(dim, max_degree * degree_dim, use_bias=False, rngs=rngs)
         self.filter_in = nnx.Linear(num_rbf + max_degree, dim, rngs=rngs)
-        self.filter_out = nnx.Linear(dim, dim + max_degree * degree_dim, rngs=rngs)
+        self.filter_out = nnx.Linear(dim, dim * (2 if value_filter else 1)
+                                     + max_degree * degree_dim, rngs=rngs)
 
     def __call__(
         self,
@@ -107,11 +113,13 @@ class EuclideanAttention(nnx.Module):
         if pair is not None:
             w = w[pair]
         w_f = w[:, :self.dim].reshape(e, h, hd)
-        w_x = w[:, self.dim:].reshape(e, big_l, d)
+        w_x = w[:, w.shape[1] - big_l * d:].reshape(e, big_l, d)
         q = self.query(f)[receivers].reshape(e, h, hd)
         k = self.key(f)[senders].reshape(e, h, hd)
         alpha = envelope[:, None] * jnp.sum(q * w_f * k, -1) * (1.0 / math.sqrt(hd))  # [E, H]
         v = self.value(f)[senders].reshape(e, h, hd)
+        if self.value_filter:
+            v = v * w[:, self.dim:2 * self.dim].reshape(e, h, hd)
         msg = segment_sum(alpha[..., None] * v, receivers, num_segments=n).reshape(n, self.dim)
         df = self.out(msg * (1.0 / SUM_NEIGHBOURS))
         p = self.degree_query(f)[receivers].reshape(e, big_l, d)

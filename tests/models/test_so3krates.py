@@ -47,12 +47,13 @@ def test_config_errors_and_check():
         model.check(graph._replace(nodes={**graph.nodes, "z": graph.nodes["z"] + 100}))
 
 
-def test_coordinates_rotate_by_wigner_matrices_and_features_are_invariant(x64):
+@pytest.mark.parametrize("value_filter", [False, True])
+def test_coordinates_rotate_by_wigner_matrices_and_features_are_invariant(x64, value_filter):
     """Rotating and translating the molecule maps every atom's spherical-harmonic
     coordinates ``x`` to ``x D(R)`` (e3x's Wigner D-matrices, degrees 1..3) and leaves the
     invariant features and the per-degree norms where they were; a mirror image has the same
-    features (the energy is E(3) invariant)."""
-    model = So3krates(SO3, rngs=nnx.Rngs(1))
+    features (the energy is E(3) invariant). With and without the value filter."""
+    model = So3krates(dataclasses.replace(SO3, value_filter=value_filter), rngs=nnx.Rngs(1))
     a = ethanol()
     rot = random_rotation(np.random.default_rng(4))
     mirror = np.diag([1.0, -1.0, 1.0])
@@ -105,6 +106,39 @@ def test_energy_continuous_across_cutoff(x64, pots):
     np.testing.assert_allclose(jump[:, -1], 0.0, atol=1e-10)
     np.testing.assert_array_less(f_in[:, 1:], f_in[:, :-1])
     np.testing.assert_allclose(f_in[:, -1], 0.0, atol=1e-6)
+
+
+def test_value_filter_of_ones_is_the_plain_model(x64):
+    """The value filter adds ``F`` outputs per block to the filter network and scales the
+    values by them: with those outputs' weights 0 and biases 1 the model is the plain one
+    (same energy), with its own weights it differs, and its weights get gradients."""
+    plain = So3krates(SO3, rngs=nnx.Rngs(2))
+    model = So3krates(dataclasses.replace(SO3, value_filter=True), rngs=nnx.Rngs(5))
+    count = lambda m: sum(p.size for p in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
+    assert count(model) - count(plain) == SO3.steps * (SO3.dim * SO3.dim + SO3.dim)
+    a = ethanol()
+    graph = pad([radius_graph(a.numbers, a.positions, SO3.cutoff)], dtype=np.float64)
+    energy = lambda m: np.asarray(m(graph)["energy"])  # noqa: E731
+    assert np.abs(energy(model) - energy(plain)).max() > 1e-4
+    grads = nnx.grad(lambda m: jnp.sum(m(graph)["energy"]))(model)
+    for t in range(SO3.steps):
+        g = grads["attentions"][t]["filter_out"]["kernel"]
+        g = np.asarray(g[...] if hasattr(g, "__getitem__") else g)
+        np.testing.assert_array_less(1e-8, np.abs(g[:, SO3.dim:2 * SO3.dim]).max())
+    dim = SO3.dim
+    for ours, theirs in zip(model.attentions, plain.attentions, strict=True):
+        for name in ("query", "key", "value", "out", "degree_query", "degree_key",
+                     "filter_in"):
+            nnx.update(getattr(ours, name), nnx.state(getattr(theirs, name)))
+        k, b = np.asarray(theirs.filter_out.kernel[...]), np.asarray(theirs.filter_out.bias[...])
+        ours.filter_out.kernel[...] = jnp.asarray(np.concatenate(
+            [k[:, :dim], np.zeros((k.shape[0], dim)), k[:, dim:]], 1))
+        ours.filter_out.bias[...] = jnp.asarray(np.concatenate(
+            [b[:dim], np.ones(dim), b[dim:]]))
+    for name in ("embed", "x_radial", "attn_norms", "mix_norms", "mixings", "final_norm",
+                 "readout"):
+        nnx.update(getattr(model, name), nnx.state(getattr(plain, name)))
+    np.testing.assert_allclose(energy(model), energy(plain), rtol=1e-12)
 
 
 def test_degree_one_alone_is_a_smaller_model_with_the_same_contract():
