@@ -112,14 +112,16 @@ class EuclideanAttention(nnx.Module):
         w = self.filter_out(self.activation(self.filter_in(jnp.concatenate([rbf, spread], -1))))
         if pair is not None:
             w = w[pair]
+        # filter columns: [attention (F) | value filter (F, if on) | degrees (L·d)]
+        nv = self.dim if self.value_filter else 0
         w_f = w[:, :self.dim].reshape(e, h, hd)
-        w_x = w[:, w.shape[1] - big_l * d:].reshape(e, big_l, d)
+        w_x = w[:, self.dim + nv:].reshape(e, big_l, d)
         q = self.query(f)[receivers].reshape(e, h, hd)
         k = self.key(f)[senders].reshape(e, h, hd)
         alpha = envelope[:, None] * jnp.sum(q * w_f * k, -1) * (1.0 / math.sqrt(hd))  # [E, H]
         v = self.value(f)[senders].reshape(e, h, hd)
-        if self.value_filter:
-            v = v * w[:, self.dim:2 * self.dim].reshape(e, h, hd)
+        if nv:
+            v = v * w[:, self.dim:self.dim + nv].reshape(e, h, hd)
         msg = segment_sum(alpha[..., None] * v, receivers, num_segments=n).reshape(n, self.dim)
         df = self.out(msg * (1.0 / SUM_NEIGHBOURS))
         p = self.degree_query(f)[receivers].reshape(e, big_l, d)
