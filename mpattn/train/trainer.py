@@ -52,6 +52,15 @@ def readout_labels(params) -> dict:
     return labels
 
 
+def _replace_scalar(old: jax.Array, value) -> jax.Array:
+    """``value`` as an array like ``old``: its dtype, and its placement only if ``old`` was
+    committed to one. A committed copy of an uncommitted leaf changes the train step's
+    signature, and the next call recompiles it (and the step after that once more: its
+    outputs are committed then), about 20 s for a potential on 2 CPU cores."""
+    new = jnp.asarray(value, old.dtype)
+    return jax.device_put(new, old.sharding) if old.committed else new
+
+
 def build_state(config: TrainConfig, task, data, model_config, *, steps_per_epoch: int,
                 init_params=None):
     """A fresh module and training state for ``config`` and ``task`` (also the restore
@@ -405,11 +414,8 @@ class Trainer:
             found.append(x)
             total = epochs * self.steps_per_epoch
             warm = min(int(x.warmup_steps), total // 2)
-            return x._replace(
-                total_steps=jax.device_put(jnp.asarray(total, x.total_steps.dtype),
-                                           x.total_steps.sharding),
-                warmup_steps=jax.device_put(jnp.asarray(warm, x.warmup_steps.dtype),
-                                            x.warmup_steps.sharding))
+            return x._replace(total_steps=_replace_scalar(x.total_steps, total),
+                              warmup_steps=_replace_scalar(x.warmup_steps, warm))
 
         carry["opt"] = jax.tree.map(one, carry["opt"],
                                     is_leaf=lambda x: isinstance(x, CosineState))

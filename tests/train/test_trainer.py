@@ -155,6 +155,35 @@ def test_no_recompilation_across_batches_of_one_budget(qm9_molset, tmp_path):
     assert trainer.train_step._cache_size() == len(shapes) <= len(trainer.loader.budgets)
 
 
+def test_changing_the_run_length_compiles_nothing(qm9_molset, tmp_path):
+    """``set_epochs`` (what a time budget's re-planner calls) writes the cosine's length into
+    the optimizer state without changing the train step's signature: epoch 0 replayed after
+    it meets only compiled steps. (It used to commit the two new scalars to a device, which
+    recompiled the train step twice and the predict step once: ~25 s on one CPU core for the
+    ethanol potential, in the third epoch of every budgeted run.)"""
+    from mpattn.train.schedules import CosineState
+
+    trainer = _trained(qm9_molset, tmp_path, epochs=1)
+    compiled = trainer.train_step._cache_size(), trainer.predict_step._cache_size()
+
+    def cosine(t):
+        (state,) = [x for x in jax.tree.leaves(t.carry["opt"],
+                                               is_leaf=lambda x: isinstance(x, CosineState))
+                    if isinstance(x, CosineState)]
+        return state
+
+    before = cosine(trainer)
+    assert trainer.set_epochs(7)
+    after = cosine(trainer)
+    assert int(after.total_steps) == 7 * trainer.steps_per_epoch
+    for old, new in ((before.total_steps, after.total_steps),
+                     (before.warmup_steps, after.warmup_steps)):
+        assert (new.dtype, new.committed) == (old.dtype, old.committed)
+    jax.block_until_ready(trainer._run_epoch(0))
+    trainer.report("val")
+    assert (trainer.train_step._cache_size(), trainer.predict_step._cache_size()) == compiled
+
+
 def test_resume_after_sigkill_gives_the_same_final_metrics(cache_file, tmp_path):
     epochs = 6
     # the command line's --preset cpu evaluates with EMA weights (decay 0.999): so does this
