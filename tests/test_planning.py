@@ -65,4 +65,4 @@ def test_replan_logs_only_plans_that_moved(monkeypatch):
     plans = [int(m.split()[1]) for m in logged]
     wases = [int(m.rsplit("(was ", 1)[1].rstrip(")")) for m in logged]
     assert wases[0] == 400 and wases[1:] == plans[:-1]
-    assert all(abs(p - w) >= planning.LOG_CHANGE * w for p, w in zip(plans, wases))
+    assert all(abs(p - w) >= planning.LOG_CHANGE * w for p, w in zip(plans, wases, strict=True))
