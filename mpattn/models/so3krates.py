@@ -47,6 +47,9 @@ class So3kratesConfig:
         activation: a smooth activation of :data:`~mpattn.nn.update.ACTIVATIONS`.
         value_filter: a per-channel radial filter on the invariant attention's values
             (:class:`~mpattn.nn.euclidean.EuclideanAttention`).
+        channels: channels of the spherical-harmonic coordinates (SO3krates: 1), each with
+            its own attention head per degree, mixed within a degree by
+            :class:`~mpattn.nn.euclidean.DegreeMixing`.
         denoise: a denoising head, output ``"noise"`` [N, 3]: the degree-1 coordinates
             scaled by a linear map of ``f`` (equivariant; the denoising loss term switches
             it on).
@@ -63,6 +66,7 @@ class So3kratesConfig:
     max_z: int = 100
     activation: str = "silu"
     value_filter: bool = False
+    channels: int = 1
     denoise: bool = False
 
     @property
@@ -75,6 +79,8 @@ class So3kratesConfig:
             raise ValueError(f"max_degree must be at least 1, got {self.max_degree}")
         if self.dim % self.num_heads:
             raise ValueError(f"dim={self.dim} must be a multiple of num_heads={self.num_heads}")
+        if self.channels < 1:
+            raise ValueError(f"channels must be at least 1, got {self.channels}")
         if self.steps < 1 or not self.cutoff > 0:
             raise ValueError(f"need steps >= 1 and cutoff > 0, got {self.steps}, {self.cutoff}")
         check_smooth_activation(self.activation)
@@ -85,7 +91,7 @@ class So3krates(nnx.Module):
     atom; ``model(graph)`` returns ``{"energy": [G], "per_atom": [N]}`` (docs/design.md).
 
     ``f⁰ = Embed(Z)``; ``x⁰_i = Σ_j u(r_ij) ⊕_l c_l(r_ij) Y_l(r̂_ij) / N̄`` with learned
-    radial weights ``c_l``. Then ``steps`` blocks of
+    radial weights ``c_l`` (``c_{cl}`` per channel ``c``). Then ``steps`` blocks of
     :class:`~mpattn.nn.euclidean.EuclideanAttention` and
     :class:`~mpattn.nn.euclidean.DegreeMixing`, pre-LN on ``f``::
 
@@ -102,16 +108,17 @@ class So3krates(nnx.Module):
         c = self.config = config or So3kratesConfig()
         act = ACTIVATIONS[c.activation]
         self.embed = AtomEmbedding(c.dim, max_z=c.max_z, rngs=rngs)
-        self.x_radial = nnx.Linear(c.num_rbf, c.max_degree, rngs=rngs)
+        self.x_radial = nnx.Linear(c.num_rbf, c.channels * c.max_degree, rngs=rngs)
         self.attn_norms = nnx.List([nnx.LayerNorm(c.dim, rngs=rngs) for _ in range(c.steps)])
         self.attentions = nnx.List([
             EuclideanAttention(c.dim, c.num_heads, c.max_degree, c.num_rbf,
                                degree_dim=c.degree_dim, activation=act,
-                               value_filter=c.value_filter, rngs=rngs)
+                               value_filter=c.value_filter, channels=c.channels, rngs=rngs)
             for _ in range(c.steps)])
         self.mix_norms = nnx.List([nnx.LayerNorm(c.dim, rngs=rngs) for _ in range(c.steps)])
         self.mixings = nnx.List([
-            DegreeMixing(c.dim, c.max_degree, c.mix_dim, activation=act, rngs=rngs)
+            DegreeMixing(c.dim, c.max_degree, c.mix_dim, activation=act, channels=c.channels,
+                         rngs=rngs)
             for _ in range(c.steps)])
         self.final_norm = nnx.LayerNorm(c.dim, rngs=rngs)
         self.readout = SumReadout(c.dim, 1, hidden=c.dim // 2, activation=act, rngs=rngs)
@@ -123,8 +130,9 @@ class So3krates(nnx.Module):
 
     def features(self, graph: jraph.GraphsTuple) -> tuple[jax.Array, jax.Array]:
         """The last block's invariant features ``f`` [N, dim] and spherical-harmonic
-        coordinates ``x`` [N, (L+1)² - 1] (degree ``l`` at ``[l² - 1, (l+1)² - 1)``, e3x's
-        Cartesian order: rotating the molecule by ``R`` maps ``x`` to ``x D(R)``)."""
+        coordinates ``x`` [N, channels, (L+1)² - 1] (degree ``l`` at ``[l² - 1, (l+1)² -
+        1)``, e3x's Cartesian order: rotating the molecule by ``R`` maps ``x`` to
+        ``x D(R)``)."""
         c = self.config
         g = graph_inputs(graph)
         n = graph.nodes["z"].shape[0]
@@ -136,7 +144,8 @@ class So3krates(nnx.Module):
         harmonics = spherical_harmonics(unit_vectors(g.vectors, g.distances), c.max_degree)
         weights = self.x_radial(rbf)
         weights = weights if g.pair is None else weights[g.pair]
-        x = segment_sum(expand_degrees(envelope[:, None] * weights, c.max_degree) * harmonics,
+        weights = (envelope[:, None] * weights).reshape(-1, c.channels, c.max_degree)
+        x = segment_sum(expand_degrees(weights, c.max_degree) * harmonics[:, None, :],
                         g.receivers, num_segments=n) * (1.0 / SUM_NEIGHBOURS)
         f = self.embed(graph.nodes)
         for t in range(c.steps):
@@ -156,5 +165,5 @@ class So3krates(nnx.Module):
                                         per_atom=True)
         out = {"energy": energy, "per_atom": per_atom}
         if self.denoise_head is not None:  # degree 1 is (x, y, z): a vector per atom
-            out["noise"] = self.denoise_head(f) * x[:, :3]
+            out["noise"] = self.denoise_head(f) * x[:, 0, :3]
         return out

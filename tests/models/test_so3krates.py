@@ -47,13 +47,20 @@ def test_config_errors_and_check():
         model.check(graph._replace(nodes={**graph.nodes, "z": graph.nodes["z"] + 100}))
 
 
-@pytest.mark.parametrize("value_filter", [False, True])
-def test_coordinates_rotate_by_wigner_matrices_and_features_are_invariant(x64, value_filter):
+@pytest.mark.parametrize(("value_filter", "channels"), [(False, 1), (True, 1), (False, 3)])
+def test_coordinates_rotate_by_wigner_matrices_and_features_are_invariant(x64, value_filter,
+                                                                          channels):
     """Rotating and translating the molecule maps every atom's spherical-harmonic
     coordinates ``x`` to ``x D(R)`` (e3x's Wigner D-matrices, degrees 1..3) and leaves the
     invariant features and the per-degree norms where they were; a mirror image has the same
-    features (the energy is E(3) invariant). With and without the value filter."""
-    model = So3krates(dataclasses.replace(SO3, value_filter=value_filter), rngs=nnx.Rngs(1))
+    features (the energy is E(3) invariant). With and without the value filter, and with 3
+    channels mixed by random matrices (not the identity they start at)."""
+    model = So3krates(dataclasses.replace(SO3, value_filter=value_filter, channels=channels),
+                      rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(7)
+    for mixing in model.mixings:
+        if channels > 1:
+            mixing.channel_mix[...] = jnp.asarray(rng.normal(size=(3, channels, channels)))
     a = ethanol()
     rot = random_rotation(np.random.default_rng(4))
     mirror = np.diag([1.0, -1.0, 1.0])
@@ -61,7 +68,7 @@ def test_coordinates_rotate_by_wigner_matrices_and_features_are_invariant(x64, v
                  for p in (a.positions, a.positions @ rot + 2.0, a.positions @ mirror)],
                 dtype=np.float64)
     f, x = (np.asarray(v) for v in model.features(graph))
-    assert x.shape == (48, 15) and f.shape == (48, SO3.dim)
+    assert x.shape == (48, channels, 15) and f.shape == (48, SO3.dim)
     d = np.asarray(e3x.so3.wigner_d(jnp.asarray(rot), max_degree=3))[1:, 1:]
     np.testing.assert_allclose(x[9:18], x[:9] @ d, atol=1e-10)
     np.testing.assert_allclose(f[9:18], f[:9], atol=1e-10)
@@ -141,6 +148,34 @@ def test_value_filter_of_ones_is_the_plain_model(x64):
     np.testing.assert_allclose(energy(model), energy(plain), rtol=1e-12)
 
 
+def test_channels_add_heads_and_a_mixing_that_all_learn(x64):
+    """``channels=C``: per block C·L Euclidean heads (queries, keys, filter outputs), C·L
+    norms into the filter and the mixing MLP, a [L, C, C] channel mixing; the count by hand,
+    and every weight (the mixing's included) gets a gradient of the energy."""
+    c, big_l, d, f, hidden, rbf = 3, SO3.max_degree, SO3.degree_dim, SO3.dim, SO3.mix_dim, \
+        SO3.num_rbf
+    plain = So3krates(SO3, rngs=nnx.Rngs(2))
+    model = So3krates(dataclasses.replace(SO3, channels=c), rngs=nnx.Rngs(2))
+    count = lambda m: sum(p.size for p in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
+    more = (c - 1) * big_l  # extra (channel, degree) pairs
+    per_block = (2 * f * more * d  # degree queries and keys
+                 + more * f  # filter_in reads more norms
+                 + (f + 1) * more * d  # filter_out gives more head filters
+                 + more * hidden + (hidden + 1) * more  # the mixing MLP in and out
+                 + big_l * c * c)  # the channel mixing
+    assert count(model) - count(plain) == (rbf + 1) * more + SO3.steps * per_block
+    a = ethanol()
+    graph = pad([radius_graph(a.numbers, a.positions, SO3.cutoff)], dtype=np.float64)
+    grads = nnx.grad(lambda m: jnp.sum(m(graph)["energy"]))(model)
+    flat = nnx.to_flat_state(grads)
+    assert any("channel_mix" in str(path) for path, _ in flat)
+    for path, g in flat:
+        value = np.asarray(g[...] if hasattr(g, "__getitem__") else g)
+        assert np.abs(value).max() > 0, path
+    with pytest.raises(ValueError, match="channels must be at least 1, got 0"):
+        So3kratesConfig(channels=0)
+
+
 def test_degree_one_alone_is_a_smaller_model_with_the_same_contract():
     small = So3krates(dataclasses.replace(SO3, max_degree=1), rngs=nnx.Rngs(0))
     full = So3krates(SO3, rngs=nnx.Rngs(0))
@@ -148,7 +183,7 @@ def test_degree_one_alone_is_a_smaller_model_with_the_same_contract():
     graph = pad([radius_graph(a.numbers, a.positions, SO3.cutoff)])
     out_small, out_full = small(graph), full(graph)
     assert set(out_small) == set(out_full) == {"energy", "per_atom"}
-    assert small.features(graph)[1].shape == (48, 3)
+    assert small.features(graph)[1].shape == (48, 1, 3)
     n_small, n_full = (sum(p.size for p in jax.tree.leaves(nnx.state(m, nnx.Param)))
                        for m in (small, full))
     assert n_small < n_full
