@@ -2,7 +2,7 @@
 learn the sulfur molecules from 10 % of their frames, fine-tuned against from scratch.
 
     python -m benchmarks.finetune [--pretrain-min 10] [--minutes 5] [--share 0.1]
-        [--workdir runs/finetune] [--readout-only]
+        [--model so3krates] [--workdir runs/finetune] [--readout-only]
 
 Both sulfur runs see the same frames (one seeded split of the sulfur half: ``--share`` of it
 for training, 5 % for validation, the rest test) for the same minutes
@@ -47,13 +47,17 @@ def _write(frames, index, path: Path) -> Path:
 
 def main(argv=None) -> int:
     from experiments import potential
+    from experiments.configs.potential import MODEL
     from mpattn.data.frames import read_frames, spice_like_xtb_path
+    from mpattn.models import model_names
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.finetune",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--pretrain-min", type=float, default=10.0)
     p.add_argument("--minutes", type=float, default=5.0, help="each sulfur run's budget")
     p.add_argument("--share", type=float, default=0.1, help="training share of the sulfur half")
+    p.add_argument("--model", default=MODEL, choices=model_names(),
+                   help=f"every run's model (default {MODEL}, experiments.potential's)")
     p.add_argument("--workdir", default="runs/finetune")
     p.add_argument("--readout-only", action="store_true",
                    help="also fine-tune the readout alone (the rest frozen)")
@@ -64,7 +68,7 @@ def main(argv=None) -> int:
     plain, sulfur = halves(frames)
     qm9_file = _write(frames, plain, work / "qm9_like.extxyz")
     s_file = _write(frames, sulfur, work / "sulfur.extxyz")
-    common = ["--no-md", "--no-progress", "--unseen-molecules", "0"]
+    common = ["--model", args.model, "--no-md", "--no-progress", "--unseen-molecules", "0"]
     runs = {"pretrain": ["--data", str(qm9_file), "--time-budget-min", str(args.pretrain_min),
                          "--train-size", "0.9", "--val-size", "0.05"]}
     sulfur_split = ["--data", str(s_file), "--time-budget-min", str(args.minutes),

@@ -16,8 +16,9 @@ run, its ``split.json`` is checked against these parts (the run stops if they di
 
 **Each library** trains on ``train`` with ``val`` for its own model selection and schedule,
 for ``--minutes`` of training (ours: ``experiments.potential`` with its default potential
-settings and the budget, for each model of ``--ours``, labelled ``mpattn`` for the default
-``attention`` and ``mpattn-<model>`` otherwise; the peers: their own training commands,
+settings and the budget, for each model of ``--ours``, default its default model, labelled
+``mpattn`` for ``attention`` (the label of every result before so3krates became the default)
+and ``mpattn-<model>`` otherwise; the peers: their own training commands,
 epochs sized by a short calibration run, as their workers in ``benchmarks/peer_workers/``
 explain, with why each is configured as it is). Then, through each library's ASE
 calculator and the same code (``benchmarks/peer_workers/ase_side.py``): energies and forces
@@ -162,7 +163,8 @@ def curve_from_metrics(path: Path) -> list[list[float]]:
 
 
 def ours_label(model: str) -> str:
-    """The library label (and work folder) of our ``model``: ``mpattn`` for the default."""
+    """The library label (and work folder) of our ``model``: ``mpattn`` for ``attention``, the
+    default model when the first results were written (``--beside`` joins on the label)."""
     return "mpattn" if model == "attention" else f"mpattn-{model}"
 
 
@@ -322,6 +324,7 @@ def plot(curves: dict[str, list], rows: list[dict], path: Path, title: str,
 
 
 def main(argv=None) -> int:
+    from experiments.configs.potential import MODEL
     from mpattn.models import model_names
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.peers_potentials",
@@ -329,7 +332,7 @@ def main(argv=None) -> int:
     ap.add_argument("--minutes", type=float, default=10.0, help="training minutes per library")
     ap.add_argument("--data", default="ethanol_xtb", choices=["ethanol_xtb", "spice_like_xtb"])
     ap.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS))
-    ap.add_argument("--ours", nargs="*", default=["attention"], choices=model_names(),
+    ap.add_argument("--ours", nargs="*", default=[MODEL], choices=model_names(),
                     help="our models, each beside the peers (none: the peers only)")
     ap.add_argument("--venvs", type=Path, default=DEFAULT_ROOT,
                     help="folder of the peers' virtual environments (made on first use)")

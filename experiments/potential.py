@@ -258,7 +258,8 @@ def parser() -> argparse.ArgumentParser:
                    help="share of the molecules held out as test_unseen")
     s.add_argument("--seed", type=int, help="split, initialisation and batch order (0)")
     m = p.add_argument_group("model and loss")
-    m.add_argument("--model", default="attention", choices=model_names())
+    m.add_argument("--model", default=preset.MODEL, choices=model_names(),
+                   help=f"default {preset.MODEL}")
     m.add_argument("--model-config", help='JSON model overrides, e.g. \'{"dim": 32}\'')
     m.add_argument("--cutoff", type=float, help="radius graph cutoff, Å (default 5)")
     m.add_argument("--beta", type=float, help="force weight of the loss, 0-1 (0.99; 1: forces "

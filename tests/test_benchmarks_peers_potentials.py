@@ -290,7 +290,8 @@ def test_painn_is_compared_at_equal_time_only(capsys):
 
 
 def test_our_models_are_labelled_and_checked(capsys):
-    """``--ours`` names any registered model; the default keeps the label ``mpattn``."""
+    """``--ours`` names any registered model; the attention model keeps the label ``mpattn``
+    that the results written before so3krates became the default join on."""
     from benchmarks.peers_potentials import main, ours_label
 
     assert ours_label("attention") == "mpattn"

@@ -38,8 +38,8 @@ def trained(frames, tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     data = root / "ethanol.extxyz"
     ase.io.write(data, [frames.atoms(i) for i in range(6)], format="extxyz")
-    tiny = json.dumps({"dim": 8, "num_heads": 1, "head_dim": 8, "steps": 1, "ff_dim": 8,
-                       "num_rbf": 4})
+    tiny = json.dumps({"dim": 8, "num_heads": 1, "degree_dim": 4, "steps": 1, "mix_dim": 8,
+                       "num_rbf": 4})  # the default model, so3krates
     work = root / "run"
     assert potential.main(["--data", str(data), "--epochs", "1", "--train-size", "2",
                            "--val-size", "2", "--test-size", "2", "--batch-size", "2",

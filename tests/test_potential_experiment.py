@@ -18,7 +18,8 @@ from experiments import potential
 from mpattn.data.frames import read_frames, spice_like_xtb_path
 from mpattn.train import load_run
 
-TINY = json.dumps({"dim": 16, "num_heads": 2, "head_dim": 8, "steps": 1, "ff_dim": 16,
+# the default model (so3krates), tiny
+TINY = json.dumps({"dim": 16, "num_heads": 2, "degree_dim": 4, "steps": 1, "mix_dim": 16,
                    "num_rbf": 8})
 QUIET = ["--no-md", "--no-progress", "--model-config", TINY]
 
@@ -181,7 +182,7 @@ def test_the_readmes_potential_commands_parse():
         if "--config" in argv:
             continue  # names a run's file
         args = potential.parser().parse_args(argv)
-        assert args.model == "attention"
+        assert args.model == "so3krates"
 
 
 def test_an_element_the_fine_tuned_model_cannot_embed_is_refused(spice_slice, tmp_path, capsys):
