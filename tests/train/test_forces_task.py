@@ -168,7 +168,8 @@ def test_experiment_command_line(tmp_path, capsys):
 
     work = tmp_path / "run"
     assert main(["--epochs", "1", "--no-md", "--train", "100", "--val", "20", "--workdir",
-                 str(work), "--no-progress", "--model-config", json.dumps(TINY)]) == 0
+                 str(work), "--no-progress", "--model", "attention",
+                 "--model-config", json.dumps(TINY)]) == 0
     for name in ("results.json", "metrics.csv", "force_parity.png", "curves.png",
                  "split.json"):
         assert (work / name).is_file(), name
