@@ -32,9 +32,15 @@
 #            benchmarks.sweep --list`),
 #            $MINUTES (default 6.5) minutes of training each, and their ensemble; each run's folder and the sweep's JSON land in
 #            benchmarks/results/ (TAG names a second sweep of the same day) (about 9.5 min)
+#   potential experiments.potential (its default model, so3krates) on $DATA (default
+#            ethanol_xtb) for $MINUTES (default 7) minutes at $STEPS (default 8) train steps
+#            per jit call, then its 10-ps NVE run; $EXTRA and $TAG as in accuracy. On ethanol
+#            it asks how far more epochs than cpu2's 60 minutes (4,363) take the force MAE
+#            (5.09 meV/A there)                                            (about 9 min)
 #
 # QM9_CACHE: the featurized QM9 cache (default .cache/qm9.npz; `python -m mpattn.data.qm9
-# --summary` prints where it lives). With it no machine needs qm9pack or RDKit.
+# --summary` prints where it lives). With it no machine needs qm9pack or RDKit. The potential
+# stage does not read it (its data is bundled).
 #
 # QUICK=1 runs every step on a few molecules/atoms, to check the stages on any machine (run it
 # in a scratch clone: it writes result files like the real thing). PYTHON picks the
@@ -45,7 +51,7 @@
 # benchmarks/results/ (the experiment folders under benchmarks/results/<name>/).
 set -uo pipefail
 
-stage=${1:?usage: bash benchmarks/gpu_session.sh bench|accuracy|scaling|long|sweep [QM9_CACHE]}
+stage=${1:?usage: bash benchmarks/gpu_session.sh bench|accuracy|scaling|long|sweep|potential [QM9_CACHE]}
 cache=${2:-.cache/qm9.npz}
 out=${OUT:-runs/gpu-session}
 epochs=(${EPOCHS:+--epochs "$EPOCHS"})
@@ -70,15 +76,17 @@ if [[ ${QUICK:-0} == 1 ]]; then
     long=("${few[@]}")
     long_epochs=${EPOCHS:-3}
     sweep=("${few[@]}" --epochs 2)
+    pot=(--epochs 2 --md-ps 0.05)
 else
     speed=() roof=(--models mpnn schnet mhmp attention) acc=() scal=() std=() long=()
-    sweep=()
+    sweep=() pot=()
     multi=(--steps-per-call "$steps")
 fi
-case $stage in bench|accuracy|scaling|long|sweep) ;; *)
-    echo "unknown stage '$stage'; choose bench, accuracy, scaling, long or sweep" >&2; exit 2;;
+case $stage in bench|accuracy|scaling|long|sweep|potential) ;; *)
+    echo "unknown stage '$stage'; choose bench, accuracy, scaling, long, sweep or potential" >&2
+    exit 2;;
 esac
-if [[ ! -f $cache ]]; then
+if [[ $stage != potential && ! -f $cache ]]; then
     echo "QM9 cache '$cache' not found (build it with: python -m mpattn.data.qm9 --summary)" >&2
     exit 2
 fi
@@ -153,6 +161,15 @@ sweep)
     step 570 "$py" -m benchmarks.sweep --dataset-cache "$cache" --minutes "${MINUTES:-6.5}" \
         --batch-size "$batch" --steps-per-call "$steps" ${SWEEP:+--variants $SWEEP} \
         ${TAG:+--tag "$TAG"} "${sweep[@]}"
+    ;;
+potential)
+    data=${DATA:-ethanol_xtb}
+    pmin=${MINUTES:-7}
+    work=benchmarks/results/potential-$data-$gpu-$day-${pmin}min${TAG:+-$TAG}
+    # shellcheck disable=SC2086  # EXTRA is split into options on purpose
+    step 570 "$py" -m experiments.potential --data "$data" --time-budget-min "$pmin" \
+        --steps-per-call "$steps" --workdir "$work" --no-progress "${pot[@]}" ${EXTRA:-}
+    cp "$log" "$work/log.txt"
     ;;
 esac
 

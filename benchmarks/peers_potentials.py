@@ -169,7 +169,7 @@ def ours_label(model: str) -> str:
 
 
 def run_ours(data: str, parts_dir: Path, out: Path, minutes: float, md: list[Path],
-             md_steps: int, *, model: str = "attention", log=print) -> dict:
+             md_steps: int, *, model: str, log=print) -> dict:
     """``experiments.potential --model model`` for ``minutes`` in ``out``, then the same
     predictions and MD speed through :class:`mpattn.ase.Calculator` as the peers' workers
     do."""

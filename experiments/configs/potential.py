@@ -6,14 +6,13 @@ on this set), batch 8, EMA 0.99, 10 minutes planned to fill the budget. SO3krate
 them: in probes of 1,000 epochs, lr 1.5e-3 and 6e-3, an L1 loss, β = 0.9 and AdamW 0.01, and
 at equal minutes batch 4 and width 96, all had higher test force errors (docs/results.md,
 "SO3krates").
-Model (:data:`MODEL`): SO3krates with its class defaults. At equal minutes it beat the attention
-model on ethanol at 40 minutes and on the SPICE-like set's seen and, by 2.2x on
+Model (:data:`MODEL`): SO3krates with its class defaults. At equal minutes it beat the
+attention model on ethanol at 40 minutes and on the SPICE-like set's seen and, by 2.2x on
 energies, unseen molecules, and was level with it at 10 minutes of ethanol (docs/results.md,
 "Potentials" and "SO3krates"), at 1.2-1.9x the cost per training frame and 1.5-2.2x per ASE
-MD step. ``--model attention`` runs
-the attention model with 2 blocks instead of 3 (its step is ~2.5x faster, so it sees more
-epochs in the budget and reached a lower force error) and the smooth softmax weights it was
-measured with (docs/results.md, "Potentials").
+MD step. ``--model attention`` runs the attention model with 2 blocks instead of 3 (its step
+is ~2.5x faster, so it sees more epochs in the budget and reached a lower force error) and the
+smooth softmax weights it was measured with (docs/results.md, "Potentials").
 
 Datasets: the bundled sets by name, each with its split protocol; any other file gets
 :data:`FILE_SPLIT`.
