@@ -35,8 +35,8 @@
 #   potential experiments.potential (its default model, so3krates) on $DATA (default
 #            ethanol_xtb) for $MINUTES (default 7) minutes at $STEPS (default 8) train steps
 #            per jit call, then its 10-ps NVE run; $EXTRA and $TAG as in accuracy. On ethanol
-#            it asks how far more epochs than cpu2's 60 minutes (4,363) take the force MAE
-#            (5.09 meV/A there)                                            (about 9 min)
+#            it asks how far more epochs than cpu2 fits in an hour take the force MAE
+#            (docs/results.md, "SO3krates")                               (about 9 min)
 #
 # QM9_CACHE: the featurized QM9 cache (default .cache/qm9.npz; `python -m mpattn.data.qm9
 # --summary` prints where it lives). With it no machine needs qm9pack or RDKit. The potential
