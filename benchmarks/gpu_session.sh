@@ -34,9 +34,9 @@
 #            benchmarks/results/ (TAG names a second sweep of the same day) (about 9.5 min)
 #   potential experiments.potential (its default model, so3krates) on $DATA (default
 #            ethanol_xtb) for $MINUTES (default 7) minutes at $STEPS (default 8) train steps
-#            per jit call, then its 10-ps NVE run; $EXTRA and $TAG as in accuracy. On ethanol
-#            it asks how far more epochs than cpu2 fits in an hour take the force MAE
-#            (docs/results.md, "SO3krates")                               (about 9 min)
+#            per jit call, then its 10-ps NVE run; $EXTRA and $TAG as in accuracy: the
+#            GPU's training and MD speed for a potential (on cpu2, 6,000 epochs ended level
+#            with 4,363: docs/results.md, "SO3krates")                    (about 9 min)
 #
 # QM9_CACHE: the featurized QM9 cache (default .cache/qm9.npz; `python -m mpattn.data.qm9
 # --summary` prints where it lives). With it no machine needs qm9pack or RDKit. The potential

@@ -4,8 +4,8 @@ Training settings (tuned on the bundled GFN2-xTB ethanol set, rMD17 protocol): M
 energies and forces (β = 0.99), Adam 3e-3 with the cosine schedule (it beat 1e-3 and 5e-3
 on this set), batch 8, EMA 0.99, 10 minutes planned to fill the budget. SO3krates kept
 them: in probes of 1,000 epochs, lr 1.5e-3 and 6e-3, an L1 loss, β = 0.9 and AdamW 0.01, and
-at equal minutes batch 4 and width 96, all had higher test force errors (docs/results.md,
-"SO3krates").
+at equal minutes batch 4 and width 96, all had higher test force errors, one seed each
+(another seed moved the defaults' by 0.8 meV/Å; docs/results.md, "SO3krates").
 Model (:data:`MODEL`): SO3krates with its class defaults. At equal minutes it beat the
 attention model on ethanol at 40 minutes and on the SPICE-like set's seen and, by 2.2x on
 energies, unseen molecules, and was level with it at 10 minutes of ethanol (docs/results.md,
